@@ -1,0 +1,45 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEB_PACKAGES := postfix swaks
+
+.PHONY: run test lint venv system-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages used as real peers in tests (smtp-sink, smtp-source, swaks).
+system-deps:
+	@missing=""; \
+	command -v smtp-sink >/dev/null 2>&1 || missing="$$missing postfix"; \
+	command -v swaks >/dev/null 2>&1 || missing="$$missing swaks"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing (run as root or install them; their tests will be skipped)"; \
+	  fi; \
+	fi
+
+run: $(STAMP)
+	$(BIN)/relaygw run
+
+lint: $(STAMP)
+	$(BIN)/ruff check relaygw tests twisted benchmarks
+
+test: $(STAMP) system-deps lint
+	$(BIN)/python -m pytest
+
+bench: $(STAMP) system-deps
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
