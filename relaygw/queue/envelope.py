@@ -1,0 +1,100 @@
+"""Envelope and per-recipient state: the value types of the spool, and their
+JSON form on disk.
+
+The envelope is written once, with the message; recipient state changes after
+every delivery attempt and lives in its own small file beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+PENDING = "pending"      # not yet delivered; next attempt at next_attempt
+DELIVERED = "delivered"  # accepted by the next hop or written to the mailbox
+FAILED = "failed"        # permanent failure (bounce generated or not needed)
+RECIPIENT_STATES = (PENDING, DELIVERED, FAILED)
+
+
+@dataclass(frozen=True)
+class EnvelopeRecipient:
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)  # NOTIFY, ORCPT
+
+
+@dataclass(frozen=True)
+class Envelope:
+    queue_id: str
+    sender: str  # "" for the null reverse-path
+    recipients: tuple[EnvelopeRecipient, ...]
+    arrived: float  # Unix time
+    client_ip: str = ""
+    client_port: int = 0
+    helo: str = ""
+    tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when received under TLS
+    auth_user: str | None = None
+    params: dict[str, str | None] = field(default_factory=dict)  # BODY, SMTPUTF8, RET, ENVID
+    smtputf8: bool = False
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Envelope:
+        data = json.loads(raw)
+        data["recipients"] = tuple(EnvelopeRecipient(**r) for r in data["recipients"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class RecipientState:
+    address: str
+    status: str = PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_attempt: float | None = None
+    last_reply: str | None = None  # the peer's or our own diagnostic, for logs and DSNs
+    enhanced: str | None = None  # "4.4.1", "5.1.1"
+    remote_host: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status != PENDING
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What changes while a message waits: recipient states and the hold flag."""
+
+    recipients: tuple[RecipientState, ...]
+    held: bool = False
+
+    @classmethod
+    def initial(cls, envelope: Envelope) -> QueueState:
+        return cls(tuple(RecipientState(r.address, next_attempt=envelope.arrived)
+                         for r in envelope.recipients))
+
+    @property
+    def is_complete(self) -> bool:
+        return all(r.is_final for r in self.recipients)
+
+    def with_recipient(self, index: int, state: RecipientState) -> QueueState:
+        rcpts = list(self.recipients)
+        rcpts[index] = state
+        return replace(self, recipients=tuple(rcpts))
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, envelope: Envelope) -> QueueState:
+        data: dict[str, Any] = json.loads(raw)
+        rcpts = tuple(RecipientState(**r) for r in data["recipients"])
+        if [r.address for r in rcpts] != [r.address for r in envelope.recipients]:
+            raise ValueError("recipient state does not match the envelope")
+        for r in rcpts:
+            if r.status not in RECIPIENT_STATES:
+                raise ValueError(f"unknown recipient status {r.status!r}")
+        return cls(rcpts, bool(data.get("held", False)))

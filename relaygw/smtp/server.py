@@ -1,0 +1,702 @@
+"""The inbound ESMTP protocol, written on Twisted's Protocol (not twisted.mail).
+
+One loop reads complete CRLF lines, hands each to a verb handler and writes
+the Reply it returns. While a handler's answer is pending (a policy Deferred,
+the spool commit, a password check) reading stops and the buffer waits, so
+replies leave strictly in command order whatever the client pipelined.
+Policy (who may relay, what a recipient routes to) lives in the injected
+policy object; this module knows the protocol only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from datetime import UTC, datetime
+from typing import Any, Protocol as TypingProtocol
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relaygw.address import MailArgs, RcptArgs, parse_helo, parse_mail_from, parse_rcpt_to
+from relaygw.queue.envelope import Envelope, EnvelopeRecipient
+from relaygw.queue.store import SpoolError, new_queue_id
+from relaygw.smtp import auth as sasl
+from relaygw.smtp.dataio import DataReader
+from relaygw.smtp.replies import (
+    BAD_SEQUENCE,
+    BARE_NEWLINE_COMMAND,
+    INSUFFICIENT_STORAGE,
+    LINE_TOO_LONG,
+    OK,
+    SYNTAX_ERROR,
+    TEMP_LOCAL_ERROR,
+    TIMEOUT,
+    TOO_MANY_ERRORS,
+    UNKNOWN_COMMAND,
+    Reply,
+)
+from relaygw.smtp.tls import tls_session_info
+
+log = Logger()
+
+COMMAND_LIMIT = 512  # octets with CRLF (RFC 5321 4.5.3.1.4)
+AUTH_LIMIT = 12288  # RFC 4954 4: AUTH lines may carry a long initial response
+MAX_AUTH_FAILURES = 3
+AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, to slow down guessing
+
+_COMMAND, _DATA, _SASL, _CLOSED = "command", "data", "sasl", "closed"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What one listener's sessions need, already validated by config."""
+
+    hostname: str
+    max_message_size: int = 36700160
+    max_recipients: int = 100
+    max_hops: int = 50
+    idle_timeout: float = 300.0
+    max_errors: int = 20
+    normalize_bare_newlines: bool = False
+    tls_mode: str = "none"  # none | starttls | implicit
+    require_tls: bool = False
+    auth_mode: str = "none"  # none | optional | required
+    tls_options: Any = None  # an IOpenSSLServerConnectionCreator, or None
+
+
+@dataclass
+class Session:
+    """What is known about the client; policy decisions read it."""
+
+    client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    client_port: int
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    tls_info: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    auth_user: str | None = None
+
+
+@dataclass
+class Transaction:
+    mail: MailArgs
+    recipients: list[RcptArgs] = field(default_factory=list)
+
+
+class InboundPolicy(TypingProtocol):
+    """Decisions the protocol asks for; each may answer now or with a Deferred."""
+
+    def check_mail(self, session: Session, mail: MailArgs) -> Reply | None | Deferred: ...
+
+    def check_rcpt(self, session: Session, mail: MailArgs,
+                   rcpt: RcptArgs) -> Reply | None | Deferred: ...
+
+
+class SMTPServerProtocol(protocol.Protocol):
+    def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
+                 authenticator: Any, clock: Any,
+                 on_queued: Callable[[Envelope], None] | None = None,
+                 refusal: Reply | None = None) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.spool = spool
+        self.authenticator = authenticator
+        self.clock = clock
+        self.on_queued = on_queued
+        self.refusal = refusal
+        self.session: Session | None = None
+        self.transaction: Transaction | None = None
+        self._mode = _COMMAND
+        self._buffer = b""
+        self._discarding = False  # inside an over-long command line
+        self._busy = False  # a reply is pending: do not read further
+        self._processing = False  # inside the _process loop
+        self._paused = False
+        self._errors = 0
+        self._auth_failures = 0
+        self._sasl: Any = None
+        self._reader: DataReader | None = None
+        self._writer: Any = None
+        self._timer: Any = None
+
+    # -- connection -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        ip = ipaddress.ip_address(getattr(peer, "host", "0.0.0.0"))
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        self.session = Session(ip, getattr(peer, "port", 0),
+                               tls=self.settings.tls_mode == "implicit")
+        if self.refusal is not None:
+            log.info("connection refused client={client} reply={reply}",
+                     client=str(ip), reply=str(self.refusal))
+            self._send(self.refusal)
+            self._close()
+            return
+        log.info("connect client={client} port={port} tls={tls}", client=str(ip),
+                 port=self.session.client_port, tls=self.session.tls)
+        self._send(Reply(220, None, f"{self.settings.hostname} ESMTP relaygw"))
+        self._reset_timer()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._mode = _CLOSED
+        self._cancel_timer()
+        self._abort_message()
+        if self.session is not None and self.refusal is None:
+            log.info("disconnect client={client} tls={tls} auth={auth}",
+                     client=str(self.session.client_ip), tls=self.session.tls_info,
+                     auth=self.session.auth_user)
+
+    def _close(self) -> None:
+        self._mode = _CLOSED
+        self._cancel_timer()
+        self._abort_message()
+        self.transport.loseConnection()
+
+    def _reset_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.settings.idle_timeout)
+        else:
+            self._timer = self.clock.callLater(self.settings.idle_timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._mode == _CLOSED:
+            return
+        log.info("timeout client={client}", client=str(self.session.client_ip))
+        self._send(TIMEOUT)
+        self._close()
+
+    # -- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode == _CLOSED:
+            return
+        self._buffer += data
+        if not self._busy:
+            self._process()
+
+    def _process(self) -> None:
+        self._processing = True
+        try:
+            self._process_lines()
+        finally:
+            self._processing = False
+
+    def _process_lines(self) -> None:
+        while not self._busy and self._mode != _CLOSED:
+            if self._mode == _DATA:
+                if not self._buffer:
+                    return
+                self._data_chunk()
+                continue
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                self._check_partial_line()
+                return
+            line, self._buffer = self._buffer[:end], self._buffer[end + 2:]
+            self._reset_timer()
+            if self._discarding:
+                self._discarding = False
+                self._reply(LINE_TOO_LONG)
+                continue
+            if len(line) + 2 > self._line_limit(line):
+                self._reply(LINE_TOO_LONG)
+                continue
+            self._line(line)
+
+    def _line_limit(self, start: bytes) -> int:
+        if self._mode == _SASL or start[:5].upper() in (b"AUTH ", b"AUTH"):
+            return AUTH_LIMIT
+        return COMMAND_LIMIT
+
+    def _check_partial_line(self) -> None:
+        # Bounded memory: a line that is already too long is dropped as it
+        # arrives; only its last byte (maybe the CR of CRLF) is kept.
+        if len(self._buffer) > self._line_limit(self._buffer):
+            self._discarding = True
+            self._buffer = self._buffer[-1:]
+        elif self._discarding and len(self._buffer) > 1:
+            self._buffer = self._buffer[-1:]
+
+    def _line(self, line: bytes) -> None:
+        if b"\r" in line or b"\n" in line:
+            self._reply(BARE_NEWLINE_COMMAND)
+            return
+        if self._mode == _SASL:
+            self._answer(self._sasl_step(line))
+            return
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(Reply(500, "5.5.2", "Invalid UTF-8 in command"))
+            return
+        verb, _, arg = text.partition(" ")
+        handler = self._handlers.get(verb.upper())
+        if handler is None:
+            self._reply(UNKNOWN_COMMAND)
+            return
+        self._answer(handler(self, arg.strip(" ")))
+
+    def _answer(self, result: Reply | Deferred | None) -> None:
+        """Write a reply now, or stop reading until a pending one is known."""
+        if not isinstance(result, Deferred):
+            if result is not None:
+                self._reply(result)
+            return
+        self._busy = True
+        result.addErrback(self._internal_error)
+        result.addCallback(self._resume)
+        if self._busy:  # still pending: let the kernel hold further input
+            self._pause()
+
+    def _resume(self, reply: Reply | None) -> None:
+        self._busy = False
+        if self._mode == _CLOSED:
+            return
+        if reply is not None:
+            self._reply(reply)
+        self._unpause()
+        if not self._processing:  # an answer that came at once needs no new loop
+            self._process()
+
+    def _internal_error(self, failure: Failure) -> Reply:
+        log.failure("internal error in SMTP session", failure)
+        return TEMP_LOCAL_ERROR
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _unpause(self) -> None:
+        if self._paused and self._mode != _CLOSED:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # -- output -------------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        self.transport.write(reply.to_bytes())
+
+    def _reply(self, reply: Reply) -> None:
+        if self._mode == _CLOSED:
+            return
+        self._send(reply)
+        if reply.close:
+            self._close()
+            return
+        if reply.code >= 500 or reply.code == 421:
+            self._errors += 1
+            if self._errors >= self.settings.max_errors:
+                self._send(TOO_MANY_ERRORS)
+                self._close()
+
+    # -- verbs --------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self.transaction = None
+
+    def do_ehlo(self, arg: str) -> Reply:
+        return self._greet(arg, esmtp=True)
+
+    def do_helo(self, arg: str) -> Reply:
+        return self._greet(arg, esmtp=False)
+
+    def _greet(self, arg: str, esmtp: bool) -> Reply:
+        helo = parse_helo(arg)
+        if isinstance(helo, Reply):
+            return helo
+        self._reset_transaction()
+        self.session.helo = helo
+        self.session.esmtp = esmtp
+        if not esmtp:
+            return Reply(250, None, self.settings.hostname)
+        lines = [
+            f"{self.settings.hostname} Hello {helo} [{self.session.client_ip}]",
+            f"SIZE {self.settings.max_message_size}",
+            "8BITMIME",
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
+        if self._starttls_offered():
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH PLAIN LOGIN")
+        return Reply(250, None, "\n".join(lines))
+
+    def _starttls_offered(self) -> bool:
+        return (self.settings.tls_mode == "starttls" and not self.session.tls
+                and self.settings.tls_options is not None)
+
+    def _auth_offered(self) -> bool:
+        return (self.session.tls and self.settings.auth_mode != "none"
+                and self.authenticator is not None and self.authenticator.has_users)
+
+    def do_mail(self, arg: str) -> Reply | Deferred | None:
+        if self.session.helo is None:
+            return Reply(503, "5.5.1", "Send HELO/EHLO first")
+        if self.transaction is not None:
+            return Reply(503, "5.5.1", "Sender already specified")
+        if self.settings.require_tls and not self.session.tls:
+            return Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+        if self.settings.auth_mode == "required" and self.session.auth_user is None:
+            return Reply(530, "5.7.0", "Authentication required")
+        mail = parse_mail_from(arg, smtputf8_offered=self.session.esmtp)
+        if isinstance(mail, Reply):
+            return mail
+        if not self.session.esmtp and mail.params:
+            return Reply(555, "5.5.4", "Parameters need EHLO")
+        size = mail.params.get("SIZE")
+        if size is not None and int(size) > self.settings.max_message_size:
+            return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+
+        def decided(refusal: Reply | None) -> Reply:
+            if refusal is not None:
+                return refusal
+            self.transaction = Transaction(mail)
+            sender = str(mail.address) if mail.address else ""
+            return Reply(250, "2.1.0", f"Sender <{sender}> OK")
+
+        return self._decide(self.policy.check_mail(self.session, mail), decided)
+
+    def do_rcpt(self, arg: str) -> Reply | Deferred | None:
+        if self.transaction is None:
+            return Reply(503, "5.5.1", "Need MAIL command first")
+        if len(self.transaction.recipients) >= self.settings.max_recipients:
+            return Reply(452, "4.5.3", "Too many recipients")
+        smtputf8 = "SMTPUTF8" in self.transaction.mail.params
+        rcpt = parse_rcpt_to(arg, smtputf8=smtputf8, default_domain=self.settings.hostname)
+        if isinstance(rcpt, Reply):
+            return rcpt
+        transaction = self.transaction
+
+        def decided(refusal: Reply | None) -> Reply:
+            if refusal is not None:
+                return refusal
+            if all(r.address != rcpt.address for r in transaction.recipients):
+                transaction.recipients.append(rcpt)
+            return Reply(250, "2.1.5", f"Recipient <{rcpt.address}> OK")
+
+        return self._decide(self.policy.check_rcpt(self.session, transaction.mail, rcpt),
+                            decided)
+
+    @staticmethod
+    def _decide(answer: Reply | None | Deferred,
+                then: Callable[[Reply | None], Reply]) -> Reply | Deferred:
+        if isinstance(answer, Deferred):
+            return answer.addCallback(then)
+        return then(answer)
+
+    def do_data(self, arg: str) -> Reply | None:
+        refusal = self._data_refusal(arg)
+        if refusal is not None:
+            if self._buffer:
+                # The client sent its message without waiting for the 354:
+                # reading on would run the body as commands.
+                self._reply(refusal)
+                return Reply(554, "5.5.0", "SMTP protocol synchronization error", close=True)
+            return refusal
+        self._start_message()
+        return None
+
+    def _data_refusal(self, arg: str) -> Reply | None:
+        if arg:
+            return SYNTAX_ERROR
+        if self.transaction is None:
+            return Reply(503, "5.5.1", "Need MAIL command first")
+        if not self.transaction.recipients:
+            return Reply(554, "5.5.1", "No valid recipients")
+        return None
+
+    def do_rset(self, arg: str) -> Reply:
+        if arg:
+            return SYNTAX_ERROR
+        self._reset_transaction()
+        return OK
+
+    def do_noop(self, arg: str) -> Reply:
+        return OK
+
+    def do_quit(self, arg: str) -> Reply:
+        return Reply(221, "2.0.0", "Bye", close=True)
+
+    def do_vrfy(self, arg: str) -> Reply:
+        if not arg:
+            return SYNTAX_ERROR
+        return Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_expn(self, arg: str) -> Reply:
+        return Reply(502, "5.5.1", "EXPN not available")
+
+    def do_help(self, arg: str) -> Reply:
+        return Reply(214, "2.0.0",
+                     "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS AUTH VRFY HELP")
+
+    def do_starttls(self, arg: str) -> Reply | None:
+        if arg:
+            return Reply(501, "5.5.4", "STARTTLS takes no arguments")
+        if self.session.tls:
+            return Reply(503, "5.5.1", "TLS already active")
+        if self.settings.tls_mode != "starttls":
+            return Reply(502, "5.5.1", "STARTTLS not available on this port")
+        if self.settings.tls_options is None:
+            return Reply(454, "4.7.0", "TLS not available due to temporary reason")
+        if self._buffer:
+            # CVE-2011-0411 class: nothing sent in plaintext may count after TLS.
+            log.info("starttls: discarded {n} pipelined plaintext bytes from {client}",
+                     n=len(self._buffer), client=str(self.session.client_ip))
+            self._buffer = b""
+        self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        try:
+            self.transport.startTLS(self.settings.tls_options)
+        except Exception:
+            log.failure("starttls failed")
+            self._close()
+            return None
+        # RFC 3207 4.2: forget everything learnt before the handshake.
+        self.session.helo = None
+        self.session.esmtp = False
+        self.session.auth_user = None
+        self.session.tls = True
+        self._reset_transaction()
+        return None
+
+    def do_auth(self, arg: str) -> Reply | Deferred | None:
+        if self.settings.auth_mode == "none" or self.authenticator is None \
+                or not self.authenticator.has_users:
+            return Reply(502, "5.5.1", "AUTH not available")
+        if not self.session.tls:
+            return Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+        if self.session.helo is None:
+            return Reply(503, "5.5.1", "Send EHLO first")
+        if self.session.auth_user is not None:
+            return Reply(503, "5.5.1", "Already authenticated")
+        if self.transaction is not None:
+            return Reply(503, "5.5.1", "AUTH not permitted during a mail transaction")
+        name, _, initial = arg.partition(" ")
+        if not name:
+            return Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        mechanism, step = sasl.start_sasl(name.upper(), initial or None)
+        self._sasl = mechanism
+        return self._sasl_result(step)
+
+    def _sasl_step(self, line: bytes) -> Reply | Deferred | None:
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            self._mode, self._sasl = _COMMAND, None
+            return Reply(501, "5.5.2", "Cannot decode response")
+        return self._sasl_result(self._sasl.respond(text))
+
+    def _sasl_result(self, step: Any) -> Reply | Deferred | None:
+        if isinstance(step, sasl.Challenge):
+            self._mode = _SASL
+            return Reply(334, None, step.text)
+        self._mode = _COMMAND
+        self._sasl = None
+        if isinstance(step, Reply):
+            return step
+        credentials = step
+        d = maybeDeferred(self.authenticator.check, credentials)
+        return d.addCallback(self._auth_checked, credentials.username)
+
+    def _auth_checked(self, ok: bool, username: str) -> Reply | Deferred:
+        if ok:
+            self.session.auth_user = username
+            log.info("auth client={client} user={user}",
+                     client=str(self.session.client_ip), user=username)
+            return Reply(235, "2.7.0", "Authentication successful")
+        self._auth_failures += 1
+        log.info("auth failed client={client} user={user} failures={n}",
+                 client=str(self.session.client_ip), user=username, n=self._auth_failures)
+        if self._auth_failures >= MAX_AUTH_FAILURES:
+            return Reply(421, "4.7.0", "Too many authentication failures", close=True)
+        delayed: Deferred = Deferred()
+        self.clock.callLater(AUTH_FAILURE_DELAY, delayed.callback,
+                             Reply(535, "5.7.8", "Authentication credentials invalid"))
+        return delayed
+
+    _handlers: dict[str, Callable[..., Any]] = {
+        "EHLO": do_ehlo, "HELO": do_helo, "MAIL": do_mail, "RCPT": do_rcpt,
+        "DATA": do_data, "RSET": do_rset, "NOOP": do_noop, "QUIT": do_quit,
+        "VRFY": do_vrfy, "EXPN": do_expn, "HELP": do_help, "STARTTLS": do_starttls,
+        "AUTH": do_auth,
+    }
+
+    # -- DATA ---------------------------------------------------------------
+
+    def _start_message(self) -> None:
+        session, transaction = self.session, self.transaction
+        if session.tls and session.tls_info is None:
+            info = tls_session_info(self.transport)
+            session.tls_info = " ".join(info) if info else None
+        queue_id = new_queue_id()
+        mail = transaction.mail
+        envelope = Envelope(
+            queue_id=queue_id,
+            sender=str(mail.address) if mail.address else "",
+            recipients=tuple(EnvelopeRecipient(str(r.address), dict(r.params))
+                             for r in transaction.recipients),
+            arrived=time.time(),
+            client_ip=str(session.client_ip),
+            client_port=session.client_port,
+            helo=session.helo or "",
+            tls=session.tls_info,
+            auth_user=session.auth_user,
+            params={k: v for k, v in mail.params.items() if k != "SIZE"},
+            smtputf8="SMTPUTF8" in mail.params,
+        )
+        self._writer = self.spool.new_message(envelope)
+        self._writer.write(received_header(self.settings.hostname, session, envelope))
+        self._reader = DataReader(self.settings.max_message_size,
+                                  normalize_bare_newlines=self.settings.normalize_bare_newlines)
+        self._envelope = envelope
+        self._mode = _DATA
+        self._send(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+
+    def _data_chunk(self) -> None:
+        chunk, self._buffer = self._buffer, b""
+        reader = self._reader
+        if b"\n" in chunk:
+            self._reset_timer()  # progress is whole lines, not trickled bytes
+        content = reader.feed(chunk)
+        wait = self._writer.write(content) if content else None
+        if reader.done:
+            self._buffer = reader.remainder + self._buffer
+            self._mode = _COMMAND
+            self._answer(self._finish_message())
+        elif wait is not None:
+            self._answer(wait.addCallback(lambda _: None))
+
+    def _finish_message(self) -> Reply | Deferred:
+        reader, writer, envelope = self._reader, self._writer, self._envelope
+        self._reader = self._writer = self._envelope = None
+        self._reset_transaction()
+        problem = reader.problem
+        if problem is None and reader.received_headers > self.settings.max_hops:
+            problem = Reply(554, "5.4.6", "Too many hops (mail loop?)")
+        if problem is not None:
+            writer.abort()
+            log.info("rejected client={client} stage=data reply={reply}",
+                     client=envelope.client_ip, reply=str(problem))
+            return problem
+
+        def committed(queue_id: str) -> Reply:
+            log.info("accepted id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} "
+                     "client={client} tls={tls} auth={auth}",
+                     queue_id=queue_id, sender=envelope.sender, size=reader.size,
+                     nrcpt=len(envelope.recipients), client=envelope.client_ip,
+                     tls=envelope.tls, auth=envelope.auth_user)
+            if self.on_queued is not None:
+                self.on_queued(envelope)
+            return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+        def failed(f: Failure) -> Reply:
+            f.trap(SpoolError)
+            log.error("spool write failed id={queue_id}: {error}",
+                      queue_id=envelope.queue_id, error=str(f.value))
+            return INSUFFICIENT_STORAGE if f.value.no_space else TEMP_LOCAL_ERROR
+
+        return writer.commit().addCallbacks(committed, failed)
+
+    def _abort_message(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+def received_header(hostname: str, session: Session, envelope: Envelope) -> bytes:
+    """The trace header, built only from validated values (never raw input)."""
+    proto = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if session.esmtp else "SMTP")
+    if session.tls:
+        proto += "S"
+    if session.auth_user:
+        proto += "A"
+    lines = [f"Received: from {session.helo} ([{session.client_ip}])"]
+    if session.tls_info:
+        version, _, cipher = session.tls_info.partition(" ")
+        lines.append(f"\t(using {version} with cipher {cipher})")
+    lines.append(f"\tby {hostname} (relaygw) with {proto} id {envelope.queue_id}")
+    stamp = format_datetime(datetime.fromtimestamp(envelope.arrived, UTC))
+    if len(envelope.recipients) == 1:
+        lines.append(f"\tfor <{envelope.recipients[0].address}>; {stamp}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{stamp}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+class SMTPServerFactory(protocol.Factory):
+    """Builds sessions for one listener and enforces the connection caps."""
+
+    def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
+                 authenticator: Any, clock: Any, *, max_connections: int,
+                 max_connections_per_client: int, counter: ConnectionCounter | None = None,
+                 on_queued: Callable[[Envelope], None] | None = None) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.spool = spool
+        self.authenticator = authenticator
+        self.clock = clock
+        self.on_queued = on_queued
+        self.counter = counter or ConnectionCounter(max_connections, max_connections_per_client)
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        host = getattr(addr, "host", "")
+        refusal = self.counter.acquire(host)
+        proto = _CountedProtocol(self.settings, self.policy, self.spool, self.authenticator,
+                                 self.clock, self.on_queued, refusal)
+        proto.factory = self
+        proto.counted_host = None if refusal else host
+        return proto
+
+
+class ConnectionCounter:
+    """Total and per-client connection counts, shared by all listeners."""
+
+    def __init__(self, max_total: int, max_per_client: int) -> None:
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.total = 0
+        self.per_client: dict[str, int] = {}
+
+    def acquire(self, host: str) -> Reply | None:
+        if self.total >= self.max_total:
+            return Reply(421, "4.7.0", "Too many connections, try again later", close=True)
+        if self.per_client.get(host, 0) >= self.max_per_client:
+            return Reply(421, "4.7.0", "Too many connections from your address", close=True)
+        self.total += 1
+        self.per_client[host] = self.per_client.get(host, 0) + 1
+        return None
+
+    def release(self, host: str) -> None:
+        self.total -= 1
+        left = self.per_client.get(host, 1) - 1
+        if left:
+            self.per_client[host] = left
+        else:
+            self.per_client.pop(host, None)
+
+
+class _CountedProtocol(SMTPServerProtocol):
+    counted_host: str | None = None
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.counted_host is not None:
+            self.factory.counter.release(self.counted_host)
+            self.counted_host = None
+        super().connectionLost(reason)

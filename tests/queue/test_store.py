@@ -1,0 +1,205 @@
+"""The durable spool: layout, commit order, recovery, failures."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python.threadpool import ThreadPool
+
+from relaygw.queue import store
+from relaygw.queue.envelope import DELIVERED, Envelope, EnvelopeRecipient, QueueState
+from relaygw.queue.store import Spool, SpoolError, new_queue_id
+from relaygw.testing import SynchronousSpool
+
+
+def envelope(queue_id=None, rcpts=("b@x.example", "c@y.example")):
+    return Envelope(queue_id=queue_id or new_queue_id(), sender="a@s.example",
+                    recipients=tuple(EnvelopeRecipient(r) for r in rcpts), arrived=1000.0,
+                    client_ip="127.0.0.1", helo="c.example", tls="TLSv1.3 X",
+                    params={"BODY": "8BITMIME"})
+
+
+def result_of(d: Deferred):
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    return out[0]
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = SynchronousSpool(tmp_path / "spool")
+    s.recover()
+    return s
+
+
+def test_recover_creates_the_layout(spool):
+    assert sorted(p.name for p in spool.directory.iterdir()) == ["corrupt", "queue", "tmp"]
+    assert oct(spool.queue_dir.stat().st_mode & 0o777) == "0o700"
+
+
+def test_committed_message_holds_envelope_and_exact_content(spool):
+    env = envelope()
+    writer = spool.new_message(env)
+    body = b"Subject: x\r\n\r\n" + b"0123456789" * 60000  # several flushes
+    for i in range(0, len(body), 8192):
+        writer.write(body[i:i + 8192])
+    assert result_of(writer.commit()) == env.queue_id
+    assert list(spool.tmp_dir.iterdir()) == []
+    stored = spool._load(env.queue_id)
+    assert stored.envelope == env
+    assert stored.state == QueueState.initial(env)
+    assert stored.size == len(body)
+    raw = spool.content_path(env.queue_id).read_bytes()
+    assert raw[stored.content_offset:] == body
+    assert oct(spool.content_path(env.queue_id).stat().st_mode & 0o777) == "0o600"
+
+
+def test_commit_fsyncs_file_and_directory_before_it_fires(spool, monkeypatch):
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(store.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd)))
+    real_replace = os.replace
+    monkeypatch.setattr(store.os, "replace",
+                        lambda a, b: (calls.append("rename"), real_replace(a, b)))
+    writer = spool.new_message(envelope())
+    writer.write(b"x\r\n")
+    d = writer.commit()
+    assert calls == ["fsync", "rename", "fsync"]
+    assert isinstance(result_of(d), str)
+
+
+def test_abort_leaves_nothing(spool):
+    writer = spool.new_message(envelope())
+    writer.write(b"y" * (store.FLUSH_AT + 10))  # reaches the disk
+    assert len(list(spool.tmp_dir.iterdir())) == 1
+    result_of(writer.abort())
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert list(spool.queue_dir.iterdir()) == []
+
+
+def test_disk_full_fails_the_commit_with_no_space_and_cleans_up(spool, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "fsync", full)
+    writer = spool.new_message(envelope())
+    writer.write(b"z\r\n")
+    failure = result_of(writer.commit())
+    assert failure.check(SpoolError) and failure.value.no_space
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert list(spool.queue_dir.iterdir()) == []
+
+
+def test_write_error_while_streaming_is_reported_at_commit(spool, monkeypatch):
+    def broken(fd, data):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store.os, "write", broken)
+    writer = spool.new_message(envelope())
+    writer.write(b"a" * (store.FLUSH_AT + 1))
+    failure = result_of(writer.commit())
+    assert failure.check(SpoolError) and not failure.value.no_space
+    assert "Input/output error" in str(failure.value)
+    assert list(spool.queue_dir.iterdir()) == []
+
+
+def test_failed_directory_sync_withdraws_the_message(spool, monkeypatch):
+    def broken(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store, "_fsync_dir", broken)
+    writer = spool.new_message(envelope())
+    writer.write(b"a\r\n")
+    assert result_of(writer.commit()).check(SpoolError)
+    assert list(spool.queue_dir.iterdir()) == []
+
+
+def test_state_is_saved_and_reloaded(spool):
+    env = envelope()
+    writer = spool.new_message(env)
+    result_of(writer.commit())
+    state = QueueState.initial(env)
+    state = state.with_recipient(0, state.recipients[0].__class__(
+        "b@x.example", status=DELIVERED, attempts=1, last_reply="250 ok"))
+    result_of(spool.save_state(env.queue_id, state))
+    assert spool._load(env.queue_id).state == state
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_remove_deletes_message_and_state(spool):
+    env = envelope()
+    result_of(spool.new_message(env).commit())
+    result_of(spool.save_state(env.queue_id, QueueState.initial(env)))
+    result_of(spool.remove(env.queue_id))
+    assert list(spool.queue_dir.iterdir()) == []
+
+
+def test_recovery_removes_leftovers_and_quarantines_unreadable_files(tmp_path):
+    spool = SynchronousSpool(tmp_path / "spool")
+    spool.recover()
+    good = envelope()
+    result_of(spool.new_message(good).commit())
+    (spool.tmp_dir / "HALFWRITTEN").write_bytes(b"RELAYGW-SPOOL 1\n12\n{")
+    (spool.queue_dir / "GARBAGE").write_bytes(b"not a spool file")
+    truncated = envelope()
+    raw = store.MAGIC + b"500\n" + truncated.to_json()[:20]
+    (spool.queue_dir / truncated.queue_id).write_bytes(raw)
+    (spool.queue_dir / "GONE.state").write_bytes(b"{}")
+    bad_state = envelope()
+    result_of(spool.new_message(bad_state).commit())
+    (spool.queue_dir / (bad_state.queue_id + ".state")).write_bytes(b"{broken")
+
+    messages = Spool.recover(spool)
+    assert [m.envelope.queue_id for m in messages] == [good.queue_id]
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert sorted(p.name for p in spool.queue_dir.iterdir()) == [good.queue_id]
+    assert sorted(p.name for p in spool.corrupt_dir.iterdir()) == sorted(
+        ["GARBAGE", truncated.queue_id, bad_state.queue_id, bad_state.queue_id + ".state"])
+
+
+def test_directory_syncs_are_shared_by_commits_waiting_together(tmp_path, monkeypatch):
+    pending = []
+
+    class DeferredSpool(Spool):
+        def run(self, fn, *args):
+            if fn is store._fsync_dir:
+                d = Deferred()
+                pending.append(d)
+                return d
+            return maybeDeferred(fn, *args)
+
+    spool = DeferredSpool(tmp_path / "spool", None, None)
+    spool.recover()
+    results = [spool.new_message(envelope()).commit() for _ in range(5)]
+    assert len(pending) == 1  # the first commit's sync is running
+    pending[0].callback(None)
+    assert len(pending) == 2  # the other four share the next one
+    pending[1].callback(None)
+    assert len(pending) == 2
+    assert all(isinstance(result_of(d), str) for d in results)
+
+
+@pytest_twisted.inlineCallbacks
+def test_commit_through_a_real_thread_pool(tmp_path):
+    from twisted.internet import reactor
+
+    pool = ThreadPool(1, 4, name="test-spool")
+    pool.start()
+    try:
+        spool = Spool(tmp_path / "spool", reactor, pool)
+        spool.recover()
+        env = envelope()
+        writer = spool.new_message(env)
+        writer.write(b"hello\r\n")
+        queue_id = yield writer.commit()
+        stored = yield spool.load(queue_id)
+        assert stored.envelope == env and stored.size == 7
+        free = yield spool.refresh_free_space()
+        assert free > 0 and spool.free_bytes == free
+    finally:
+        pool.stop()

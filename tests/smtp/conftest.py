@@ -1,0 +1,89 @@
+"""A server protocol over an in-memory transport, a fake clock and a real spool."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+
+from relaygw.inbound import ConfiguredPolicy
+from relaygw.smtp.server import ConnectionCounter, ServerSettings, SMTPServerFactory
+from relaygw.testing import FakeAuthenticator, SynchronousSpool, TLSStringTransport
+
+TRUSTED = [ipaddress.ip_network("127.0.0.0/8")]
+
+
+class Session:
+    """Drives one server session; send() returns the reply lines it caused."""
+
+    def __init__(self, factory, client_ip="127.0.0.1"):
+        self.factory = factory
+        self.transport = TLSStringTransport(
+            peerAddress=IPv4Address("TCP", client_ip, 40000))
+        self.proto = factory.buildProtocol(self.transport.getPeer())
+        self.proto.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def take(self) -> list[str]:
+        data = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return [line for line in data.split("\r\n") if line]
+
+    def send(self, data: bytes | str) -> list[str]:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.proto.dataReceived(data)
+        return self.take()
+
+    def ehlo(self, name: str = "client.example") -> list[str]:
+        return self.send(f"EHLO {name}\r\n")
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+
+class Harness:
+    def __init__(self, tmp_path):
+        self.spool = SynchronousSpool(tmp_path / "spool")
+        self.spool.recover()
+        self.clock = Clock()
+        self.settings = ServerSettings(hostname="relay.test", max_message_size=10000,
+                                       max_recipients=5, max_hops=3, idle_timeout=300,
+                                       max_errors=20, tls_mode="starttls",
+                                       auth_mode="optional", tls_options=object())
+        self.authenticator = FakeAuthenticator({"alice": "s3cret"})
+        self.relay_domains = ["relay.example"]
+        self.min_free_space = 0
+        self.queued = []
+
+    def factory(self, **settings):
+        policy = ConfiguredPolicy(trusted_networks=TRUSTED, relay_domains=self.relay_domains,
+                                  local_domains=["relay.test"], spool=self.spool,
+                                  min_free_space=self.min_free_space)
+        return SMTPServerFactory(replace(self.settings, **settings), policy, self.spool,
+                                 self.authenticator, self.clock, max_connections=10,
+                                 max_connections_per_client=3,
+                                 counter=ConnectionCounter(10, 3),
+                                 on_queued=self.queued.append)
+
+    def connect(self, client_ip="127.0.0.1", **settings) -> Session:
+        return Session(self.factory(**settings), client_ip)
+
+    def session(self, factory, client_ip="127.0.0.1") -> Session:
+        return Session(factory, client_ip)
+
+    def queue_files(self) -> list[str]:
+        return sorted(p.name for p in self.spool.queue_dir.iterdir())
+
+    def message(self, queue_id: str) -> bytes:
+        stored = self.spool._load(queue_id)
+        return self.spool.content_path(queue_id).read_bytes()[stored.content_offset:]
+
+
+@pytest.fixture
+def harness(tmp_path):
+    return Harness(tmp_path)
