@@ -1,0 +1,45 @@
+"""What every courier reports, per recipient: delivered, transient or permanent.
+
+The queue decides retry or bounce from this value alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DELIVERED = "delivered"
+TRANSIENT = "transient"
+PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    status: str  # DELIVERED | TRANSIENT | PERMANENT
+    enhanced: str  # RFC 3463 code, e.g. "2.0.0", "4.4.1", "5.1.1"
+    text: str  # the peer's reply text, or our own diagnostic
+    code: int | None = None  # the peer's SMTP reply code; None for local or synthetic results
+    remote: str | None = None  # "mx.example.net[192.0.2.1]:25" when a peer answered
+    tls: str | None = None  # "TLSv1.3" when the hop was encrypted
+
+    def __post_init__(self) -> None:
+        if self.status not in (DELIVERED, TRANSIENT, PERMANENT):
+            raise ValueError(f"unknown delivery status {self.status!r}")
+
+    @property
+    def diagnostic(self) -> str:
+        """The reply as a log line or DSN Diagnostic-Code shows it."""
+        if self.code is not None:
+            return f"{self.code} {self.enhanced} {self.text}"
+        return f"{self.enhanced} {self.text}"
+
+
+def delivered(text: str = "OK", **kw: object) -> DeliveryResult:
+    return DeliveryResult(DELIVERED, kw.pop("enhanced", "2.0.0"), text, **kw)  # type: ignore[arg-type]
+
+
+def transient(enhanced: str, text: str, **kw: object) -> DeliveryResult:
+    return DeliveryResult(TRANSIENT, enhanced, text, **kw)  # type: ignore[arg-type]
+
+
+def permanent(enhanced: str, text: str, **kw: object) -> DeliveryResult:
+    return DeliveryResult(PERMANENT, enhanced, text, **kw)  # type: ignore[arg-type]
