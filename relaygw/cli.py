@@ -79,7 +79,8 @@ def _passwd(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relaygw", description="SMTP relay and forwarding gateway")
+    parser = argparse.ArgumentParser(prog="relaygw",
+                                     description="SMTP relay and forwarding gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run in the foreground (twistd -n relaygw)")
     run.add_argument("-c", "--config", help="TOML configuration file (default: built-in)")

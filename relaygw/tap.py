@@ -38,8 +38,9 @@ def load(path: str | None) -> Config:
 
 class Options(usage.Options):
     synopsis = "[--config PATH]"
-    optParameters = [
-        ["config", "c", None, "TOML configuration file (default: built-in, data in ./relaygw-data)"],
+    optParameters = [  # noqa: N815 - Twisted's name
+        ["config", "c", None,
+         "TOML configuration file (default: built-in, data in ./relaygw-data)"],
     ]
 
     def postOptions(self) -> None:

@@ -14,9 +14,10 @@ import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import format_datetime
 from datetime import UTC, datetime
-from typing import Any, Protocol as TypingProtocol
+from email.utils import format_datetime
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -29,7 +30,6 @@ from relaygw.queue.store import SpoolError, new_queue_id
 from relaygw.smtp import auth as sasl
 from relaygw.smtp.dataio import DataReader
 from relaygw.smtp.replies import (
-    BAD_SEQUENCE,
     BARE_NEWLINE_COMMAND,
     INSUFFICIENT_STORAGE,
     LINE_TOO_LONG,
@@ -480,7 +480,8 @@ class SMTPServerProtocol(protocol.Protocol):
                 or not self.authenticator.has_users:
             return Reply(502, "5.5.1", "AUTH not available")
         if not self.session.tls:
-            return Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            return Reply(538, "5.7.11",
+                         "Encryption required for requested authentication mechanism")
         if self.session.helo is None:
             return Reply(503, "5.5.1", "Send EHLO first")
         if self.session.auth_user is not None:
