@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -16,6 +15,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relaygw.config import Config, ConfigError, ListenerConfig, default_config, load_config
 from relaygw.inbound import ConfiguredPolicy
+from relaygw.listener import ListenerService
 from relaygw.queue.service import SpoolService
 from relaygw.queue.store import Spool
 from relaygw.smtp.auth import Authenticator, UsersFileError, load_users
@@ -154,9 +154,9 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         )
         if listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls_options, False, factory)
-        listen = StreamServerEndpointService(_endpoint(reactor, listener), factory)
-        listen._raiseSynchronously = True  # a port that cannot be bound stops start-up
-        listen.setServiceParent(top)
+        factory.noisy = False
+        ListenerService(_endpoint(reactor, listener), factory,
+                        listener.address).setServiceParent(top)
         log.info("listening on {address} tls={tls} auth={auth}", address=listener.address,
                  tls=listener.tls, auth=listener.auth)
     return top
