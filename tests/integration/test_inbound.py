@@ -55,7 +55,8 @@ def test_starttls_auth_and_relay_with_smtplib(daemon, cli):
         smtp.rset()
         assert smtp.login("alice", "correct horse") == (235, b"2.7.0 Authentication successful")
         assert smtp.mail("a@client.example") == (250, b"2.1.0 Sender <a@client.example> OK")
-        assert smtp.rcpt("b@elsewhere.example") == (250, b"2.1.5 Recipient <b@elsewhere.example> OK")
+        assert smtp.rcpt("b@elsewhere.example") == (
+            250, b"2.1.5 Recipient <b@elsewhere.example> OK")
         code, text = smtp.data(MESSAGE)
         assert code == 250 and text.startswith(b"2.0.0 Ok: queued as ")
     stored = queued_message(daemon)
