@@ -6,33 +6,75 @@ functions of relaygw.policy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 from relaygw.address import MailArgs, RcptArgs
 from relaygw.policy import ClientInfo, relay_decision
+from relaygw.queue.envelope import EnvelopeRecipient
+from relaygw.routing import RouteContext, expand_aliases, route_recipient
 from relaygw.smtp.replies import INSUFFICIENT_STORAGE, Reply
 from relaygw.smtp.server import Session
 
 
 class ConfiguredPolicy:
-    def __init__(self, *, trusted_networks: Sequence[Any], relay_domains: Sequence[str],
-                 local_domains: Sequence[str], spool: Any, min_free_space: int) -> None:
-        self.trusted_networks = tuple(trusted_networks)
-        self.relay_domains = tuple(relay_domains)
-        self.local_domains = tuple(local_domains)
+    """Relay rules, routability at RCPT, alias expansion, spool space.
+
+    ``config_source`` returns the current Config, so a reload applies to the
+    next command of every session.
+    """
+
+    def __init__(self, config_source: Callable[[], Any], spool: Any) -> None:
+        self.config_source = config_source
         self.spool = spool
-        self.min_free_space = min_free_space
 
     def check_mail(self, session: Session, mail: MailArgs) -> Reply | None:
         free = self.spool.free_bytes
         declared = int(mail.params.get("SIZE") or 0)
-        if free is not None and free - declared < self.min_free_space:
+        if free is not None and free - declared < self.config_source().server.min_free_space:
             return INSUFFICIENT_STORAGE
         return None
 
     def check_rcpt(self, session: Session, mail: MailArgs, rcpt: RcptArgs) -> Reply | None:
+        config = self.config_source()
         client = ClientInfo(session.client_ip, session.auth_user, session.tls)
-        decision = relay_decision(client, rcpt.address, self.trusted_networks,
-                                  self.relay_domains, self.local_domains)
-        return decision.reply
+        decision = relay_decision(client, rcpt.address, config.access.trusted_networks,
+                                  config.access.relay_domains, (config.server.hostname,))
+        if decision.reply is not None:
+            return decision.reply
+        # Refuse now what could never be delivered, so the client learns it at once
+        # instead of a bounce later. With aliases, one routable target is enough:
+        # the others bounce at delivery.
+        context = RouteContext(sender=str(mail.address) if mail.address else "",
+                               client_ip=session.client_ip,
+                               authenticated=session.auth_user is not None)
+        first_reject = None
+        for target in expand_aliases(str(rcpt.address), config.aliases):
+            route = route_recipient(target, context, config)
+            if not route.is_reject:
+                return None
+            first_reject = first_reject or route.reply
+        code, enhanced, text = first_reject
+        return Reply(code, enhanced, text)
+
+    def final_recipients(self, rcpts: list[RcptArgs]) -> list[EnvelopeRecipient]:
+        """The envelope's recipients: aliases expanded once, at acceptance."""
+        aliases = self.config_source().aliases
+        out: list[EnvelopeRecipient] = []
+        seen: set[str] = set()
+        for rcpt in rcpts:
+            original = str(rcpt.address)
+            for target in expand_aliases(original, aliases) if aliases else [original]:
+                if target in seen:
+                    continue
+                seen.add(target)
+                params = dict(rcpt.params)
+                if target != original and "ORCPT" not in params and original.isascii():
+                    params["ORCPT"] = "rfc822;" + xtext(original)
+                out.append(EnvelopeRecipient(target, params))
+        return out
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 xtext: what ORCPT values carry."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in text)

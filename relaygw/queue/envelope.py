@@ -58,10 +58,15 @@ class RecipientState:
     last_reply: str | None = None  # the peer's or our own diagnostic, for logs and DSNs
     enhanced: str | None = None  # "4.4.1", "5.1.1"
     remote_host: str | None = None
+    notified: bool = False  # FAILED only: the DSN to the sender is durably queued (or not due)
 
     @property
     def is_final(self) -> bool:
         return self.status != PENDING
+
+    @property
+    def needs_bounce(self) -> bool:
+        return self.status == FAILED and not self.notified
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,8 @@ class QueueState:
 
     @property
     def is_complete(self) -> bool:
-        return all(r.is_final for r in self.recipients)
+        """Nothing left to do: every recipient delivered, or failed and reported."""
+        return all(r.is_final and not r.needs_bounce for r in self.recipients)
 
     def with_recipient(self, index: int, state: RecipientState) -> QueueState:
         rcpts = list(self.recipients)

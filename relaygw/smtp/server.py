@@ -97,6 +97,8 @@ class InboundPolicy(TypingProtocol):
     def check_rcpt(self, session: Session, mail: MailArgs,
                    rcpt: RcptArgs) -> Reply | None | Deferred: ...
 
+    def final_recipients(self, rcpts: list[RcptArgs]) -> list[EnvelopeRecipient]: ...
+
 
 class SMTPServerProtocol(protocol.Protocol):
     def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
@@ -550,8 +552,7 @@ class SMTPServerProtocol(protocol.Protocol):
         envelope = Envelope(
             queue_id=queue_id,
             sender=str(mail.address) if mail.address else "",
-            recipients=tuple(EnvelopeRecipient(str(r.address), dict(r.params))
-                             for r in transaction.recipients),
+            recipients=tuple(self.policy.final_recipients(transaction.recipients)),
             arrived=time.time(),
             client_ip=str(session.client_ip),
             client_port=session.client_port,

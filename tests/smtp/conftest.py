@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
+from relaygw.config import parse_config
 from relaygw.inbound import ConfiguredPolicy
 from relaygw.smtp.server import ConnectionCounter, ServerSettings, SMTPServerFactory
 from relaygw.testing import FakeAuthenticator, SynchronousSpool, TLSStringTransport
-
-TRUSTED = [ipaddress.ip_network("127.0.0.0/8")]
-
 
 class Session:
     """Drives one server session; send() returns the reply lines it caused."""
@@ -58,12 +56,22 @@ class Harness:
         self.authenticator = FakeAuthenticator({"alice": "s3cret"})
         self.relay_domains = ["relay.example"]
         self.min_free_space = 0
+        self.aliases = {}
+        self.routes = [{"action": "mx"}]
         self.queued = []
 
+    def config(self):
+        return parse_config({
+            "server": {"hostname": "relay.test", "min_free_space": self.min_free_space},
+            "listeners": [{"address": "127.0.0.1:0"}],
+            "access": {"trusted_networks": ["127.0.0.0/8"], "relay_domains": self.relay_domains},
+            "aliases": self.aliases,
+            "routes": self.routes,
+        }, Path("/nonexistent"))
+
     def factory(self, **settings):
-        policy = ConfiguredPolicy(trusted_networks=TRUSTED, relay_domains=self.relay_domains,
-                                  local_domains=["relay.test"], spool=self.spool,
-                                  min_free_space=self.min_free_space)
+        config = self.config()
+        policy = ConfiguredPolicy(lambda: config, self.spool)
         return SMTPServerFactory(replace(self.settings, **settings), policy, self.spool,
                                  self.authenticator, self.clock, max_connections=10,
                                  max_connections_per_client=3,

@@ -6,6 +6,7 @@ import re
 
 from twisted.internet.defer import Deferred, fail
 
+from relaygw.queue.envelope import EnvelopeRecipient
 from relaygw.queue.store import SpoolError
 from relaygw.smtp.replies import Reply
 
@@ -362,6 +363,9 @@ class SlowPolicy:
         self.pending.append(d)
         return d
 
+    def final_recipients(self, rcpts):
+        return [EnvelopeRecipient(str(r.address), r.params) for r in rcpts]
+
 
 def test_replies_wait_for_a_pending_check_and_reading_pauses(harness):
     factory = harness.factory()
@@ -517,3 +521,43 @@ def test_authenticated_untrusted_client_may_relay(harness):
 def test_bare_auth_is_a_syntax_error(harness):
     s = tls_session(harness)
     assert s.send("AUTH\r\n") == ["501 5.5.4 Syntax: AUTH mechanism [initial-response]"]
+
+
+# -- routing at RCPT ------------------------------------------------------------
+
+def test_recipient_without_a_route_is_refused_at_rcpt(harness):
+    harness.routes = [{"recipient_domains": ["relay.example"], "action": "mx"}]
+    s = harness.connect()
+    s.ehlo()
+    s.send("MAIL FROM:<a@c.example>\r\n")
+    assert s.send("RCPT TO:<b@relay.example>\r\n") == ["250 2.1.5 Recipient <b@relay.example> OK"]
+    assert s.send("RCPT TO:<b@other.example>\r\n") == [
+        "550 5.1.2 No route to destination for <b@other.example>"]
+
+
+def test_reject_route_answers_its_configured_reply(harness):
+    harness.routes = [{"recipients": ["re:^noreply-"], "action": "reject",
+                       "reply": "550 5.1.1 Mailbox unavailable"}, {"action": "mx"}]
+    s = harness.connect()
+    s.ehlo()
+    s.send("MAIL FROM:<a@c.example>\r\n")
+    assert s.send("RCPT TO:<noreply-x@relay.example>\r\n") == ["550 5.1.1 Mailbox unavailable"]
+    assert s.send("RCPT TO:<reply-x@relay.example>\r\n")[0].startswith("250 ")
+
+
+def test_aliases_are_expanded_into_the_envelope_with_orcpt(harness):
+    harness.aliases = {"postmaster@relay.example": ["ops@corp.example", "noc+x@corp.example"],
+                       "@old.example": "@relay.example"}
+    s = harness.connect()
+    s.ehlo()
+    replies = s.send("MAIL FROM:<a@c.example>\r\nRCPT TO:<postmaster@relay.example>\r\n"
+                     "RCPT TO:<bob@old.example>\r\nRCPT TO:<ops@corp.example>\r\nDATA\r\n"
+                     + MESSAGE)
+    assert codes(replies) == ["250", "250", "250", "250", "354", "250"]
+    (queue_id,) = harness.queue_files()
+    recipients = harness.spool._load(queue_id).envelope.recipients
+    assert [(r.address, r.params) for r in recipients] == [
+        ("ops@corp.example", {"ORCPT": "rfc822;postmaster@relay.example"}),
+        ("noc+x@corp.example", {"ORCPT": "rfc822;postmaster@relay.example"}),
+        ("bob@relay.example", {"ORCPT": "rfc822;bob@old.example"}),
+    ]
