@@ -17,10 +17,11 @@ import pytest_twisted
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from twisted.internet import defer
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, CertificateOptions
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from relaygw.config import DeliveryTimeouts
@@ -125,7 +126,7 @@ class Session:
         assert self.heard() == EHLO
         self.say(ehlo_reply(*extensions))
 
-    def lose(self, reason: type[Exception] = ConnectionLost) -> None:
+    def lose(self, reason: type[Exception] = error.ConnectionLost) -> None:
         self.client.connectionLost(Failure(reason()))
 
     @property
@@ -344,8 +345,10 @@ def test_verify_uses_a_verifying_context() -> None:
     session.greet("STARTTLS")
     session.start_tls()
     assert session.ready == [None]
+    # optionsForClientTLS: a connection creator that checks the name (the loopback
+    # tests below show a wrong name failing).
+    assert IOpenSSLClientConnectionCreator.providedBy(session.transport.tls_options)
     assert not isinstance(session.transport.tls_options, CertificateOptions)
-    assert session.transport.tls_options._hostname == "smarthost.example"
 
 
 @pytest.mark.parametrize("mode", ["require", "verify"])
@@ -755,7 +758,7 @@ def test_connection_lost_mid_pipeline() -> None:
     session = ready_session("PIPELINING")
     d = outcome(session.client.send(message()))
     session.say("250 ok\r\n")
-    session.lose(ConnectionDone)
+    session.lose(error.ConnectionDone)
     assert failure_result(d).text == "connection lost during RCPT TO"
 
 
@@ -786,9 +789,72 @@ def test_quit() -> None:
     session.say("221 2.0.0 bye\r\n")
     assert session.transport.disconnecting
     assert done == []
-    session.lose(ConnectionDone)
+    session.lose(error.ConnectionDone)
     assert done == [None]
     assert outcome(session.client.quit()) == [None]
+
+
+def test_421_mid_transaction_ends_reuse() -> None:
+    session = ready_session("PIPELINING")
+    d = outcome(session.client.send(message(recipients=("a@x", "b@x"))))
+    session.say("250 ok\r\n250 ok\r\n421 4.3.2 shutting down\r\n354 go\r\n")
+    session.say("250 2.0.0 queued\r\n")
+    assert [r.status for r in d[0]] == [DELIVERED, TRANSIENT]
+    assert not session.client.usable
+
+
+def test_starttls_that_raises_never_sends_ehlo() -> None:
+    session = Session(tls="opportunistic")
+    session.greet("STARTTLS")
+    session.heard()
+
+    def broken(options: Any) -> None:
+        raise RuntimeError("no TLS here")
+
+    session.transport.startTLS = broken  # type: ignore[method-assign]
+    session.say("220 go\r\n")
+    result = failure_result(session.ready)
+    assert (result.status, result.enhanced) == (TRANSIENT, "4.7.5")
+    assert session.heard() == b""
+    assert session.aborted
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "2001:db8::1"])
+def test_connect_in_memory(host: str) -> None:
+    reactor = MemoryReactorClock()
+    connected = outcome(connect(reactor, host, 2525, make_policy(), REMOTE))
+    [(address, port, factory, timeout, _)] = reactor.tcpClients
+    assert (address, port, timeout) == (host, 2525, TIMEOUTS.connect)
+    transport = TLSStringTransport()
+    wrapper = factory.buildProtocol(None)
+    wrapper.makeConnection(transport)
+    wrapper.dataReceived(GREETING)
+    assert transport.value() == EHLO
+    assert connected == []
+    wrapper.dataReceived(ehlo_reply("SIZE 100"))
+    [client] = connected
+    assert isinstance(client, SMTPClientProtocol) and client.usable
+    assert client.remote == REMOTE
+
+
+def test_connect_failure_in_memory() -> None:
+    reactor = MemoryReactorClock()
+    connected = outcome(connect(reactor, "192.0.2.1", 25, make_policy(), REMOTE))
+    [(_, _, factory, _, _)] = reactor.tcpClients
+    factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+    result = failure_result(connected)
+    assert (result.status, result.enhanced, result.remote) == (TRANSIENT, "4.4.1", REMOTE)
+    assert result.text.startswith("connection refused/failed: ")
+
+
+def test_connect_greeting_refused_in_memory() -> None:
+    reactor = MemoryReactorClock()
+    connected = outcome(connect(reactor, "192.0.2.1", 25, make_policy(), REMOTE))
+    wrapper = reactor.tcpClients[0][2].buildProtocol(None)
+    wrapper.makeConnection(TLSStringTransport())
+    wrapper.dataReceived(b"554 5.7.1 not you\r\n")
+    result = failure_result(connected)
+    assert (result.status, result.code, result.text) == (TRANSIENT, 554, "not you")
 
 
 # ---------------------------------------------------------------------------
@@ -1059,11 +1125,11 @@ def test_loopback_starttls_verified(reactor: Any, smtpd: Any, clients: list[Any]
                                                                    trust_root=trust))
     assert client.tls_version in ("TLSv1.2", "TLSv1.3")
     assert "STARTTLS" not in client.extensions
-    results = yield client.send(spooled(b"Subject: tls\r\n\r\nbody\r\n", reactor)).addTimeout(
-        LOOP_TIMEOUT, reactor)
+    content = boundary_message() * 64  # 1 MiB through the TLS layer's flow control
+    results = yield client.send(spooled(content, reactor)).addTimeout(LOOP_TIMEOUT, reactor)
     assert results[0].status == DELIVERED
     assert results[0].tls == client.tls_version
-    assert len(sink.messages) == 1
+    assert [m[2] for m in sink.messages] == [content]
 
 
 @pytest_twisted.inlineCallbacks
@@ -1131,6 +1197,27 @@ def test_loopback_opportunistic_without_starttls(reactor: Any, smtpd: Any,
     results = yield client.send(spooled(b"Subject: plain\r\n\r\nbody\r\n", reactor)).addTimeout(
         LOOP_TIMEOUT, reactor)
     assert (results[0].status, results[0].tls) == (DELIVERED, None)
+    assert len(sink.messages) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_loopback_implicit_tls(reactor: Any, smtpd: Any, clients: list[Any],
+                               ca: trustme.CA) -> Generator[Any, Any, None]:
+    sink = Sink()
+    port = smtpd(sink, ssl_context=tls_server_context(ca))
+    trust = Certificate.loadPEM(ca.cert_pem.bytes())
+    client = yield open_client(reactor, clients, port, loop_policy(tls="implicit",
+                                                                   trust_root=trust))
+    assert client.tls_version in ("TLSv1.2", "TLSv1.3")
+    results = yield client.send(spooled(b"Subject: tls\r\n\r\nbody\r\n", reactor)).addTimeout(
+        LOOP_TIMEOUT, reactor)
+    assert (results[0].status, results[0].tls) == (DELIVERED, client.tls_version)
+
+    wrong = loop_policy(tls="implicit", tls_hostname="wrong.example.test", trust_root=trust)
+    with pytest.raises(SessionFailure) as caught:
+        yield open_client(reactor, clients, port, wrong)
+    assert caught.value.result.enhanced == "4.7.5"
+    assert "verification failed" in caught.value.result.text
     assert len(sink.messages) == 1
 
 
