@@ -95,3 +95,9 @@ class Harness:
 @pytest.fixture
 def harness(tmp_path):
     return Harness(tmp_path)
+
+
+@pytest.fixture
+def harness_factory(tmp_path_factory):
+    """Fresh harnesses inside one test (hypothesis runs many examples per test)."""
+    return lambda: Harness(tmp_path_factory.mktemp("h"))
