@@ -14,8 +14,12 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.config import Config, ConfigError, ListenerConfig, default_config, load_config
+from relaygw.delivery.local import MaildirCourier
+from relaygw.delivery.relay import RelayCourier
+from relaygw.dns import Resolver
 from relaygw.inbound import ConfiguredPolicy
 from relaygw.listener import ListenerService
+from relaygw.queue.manager import QueueManager
 from relaygw.queue.service import SpoolService
 from relaygw.queue.store import Spool
 from relaygw.smtp.auth import Authenticator, UsersFileError, load_users
@@ -113,23 +117,62 @@ class _ThreadPoolService(service.Service):
         self.pool.stop()
 
 
+class ConfigHolder:
+    """The configuration in force; reload replaces ``current``."""
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
+
+    def __call__(self) -> Config:
+        return self.current
+
+
+class _QueueStarter(service.Service):
+    """Hands the spool's recovered messages to the queue once both run."""
+
+    def __init__(self, spool_service: SpoolService, manager: QueueManager,
+                 relay: RelayCourier) -> None:
+        self.spool_service = spool_service
+        self.manager = manager
+        self.relay = relay
+
+    def startService(self) -> None:
+        super().startService()
+        self.manager.load(self.spool_service.recovered)
+        self.spool_service.recovered = []
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.relay.stop()
+
+
 def build_service(config: Config, reactor: Any) -> service.MultiService:
+    holder = ConfigHolder(config)
     top = service.MultiService()
     spool_pool = ThreadPool(minthreads=2, maxthreads=16, name="relaygw-spool")
     spool = Spool(config.server.spool_dir, reactor, spool_pool)
-    SpoolService(spool, spool_pool, reactor).setServiceParent(top)
+    spool_service = SpoolService(spool, spool_pool, reactor)
+    spool_service.setServiceParent(top)
 
     auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="relaygw-auth")
     _ThreadPoolService(auth_pool).setServiceParent(top)
+    dns_pool = ThreadPool(minthreads=0, maxthreads=10, name="relaygw-dns")
+    _ThreadPoolService(dns_pool).setServiceParent(top)
+
+    resolver = Resolver(reactor, dns_pool, config.dns.nameservers, config.dns.timeout)
+    relay = RelayCourier(reactor, resolver, holder, spool.run)
+    couriers = {
+        "maildir": MaildirCourier(spool.run, lambda: holder().server.hostname),
+        "smarthost": relay,
+        "mx": relay,
+    }
+    manager = QueueManager(spool, holder, couriers, reactor)
+    manager.setServiceParent(top)
+    _QueueStarter(spool_service, manager, relay).setServiceParent(top)
+
     authenticator = _authenticator(config, reactor, auth_pool)
     tls_options = _tls_options(config)
-    policy = ConfiguredPolicy(
-        trusted_networks=config.access.trusted_networks,
-        relay_domains=config.access.relay_domains,
-        local_domains=(config.server.hostname,),
-        spool=spool,
-        min_free_space=config.server.min_free_space,
-    )
+    policy = ConfiguredPolicy(holder, spool)
     counter = ConnectionCounter(config.server.max_connections,
                                 config.server.max_connections_per_client)
     for listener in config.listeners:
@@ -150,7 +193,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
             settings, policy, spool, authenticator, reactor,
             max_connections=config.server.max_connections,
             max_connections_per_client=config.server.max_connections_per_client,
-            counter=counter,
+            counter=counter, on_queued=manager.enqueued,
         )
         if listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls_options, False, factory)
@@ -159,4 +202,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
                         listener.address).setServiceParent(top)
         log.info("listening on {address} tls={tls} auth={auth}", address=listener.address,
                  tls=listener.tls, auth=listener.auth)
+    for route in config.routes:
+        if route.action == "maildir":
+            log.info("routes[{index}]: maildir delivery under {template}", index=route.index,
+                     template=route.maildir)
     return top

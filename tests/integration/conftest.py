@@ -43,6 +43,7 @@ class Daemon:
         self.dir = directory
         self.ca = ca
         self.port = free_port()
+        self.dead_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log_path = directory / "relaygw.log"
         leaf = ca.issue_cert("relay.test", "127.0.0.1")
@@ -55,6 +56,13 @@ class Daemon:
     def write_config(self, body: str, listeners: str | None = None) -> Path:
         if listeners is None:
             listeners = f'[[listeners]]\naddress = "127.0.0.1:{self.port}"\ntls = "starttls"\n'
+        if "[[routes]]" not in body:
+            # Keep accepted mail in the queue: deliveries go to a port nobody listens on.
+            body += (f'[smarthosts.nowhere]\nhosts = ["127.0.0.1:{self.dead_port}"]\n'
+                     'tls = "none"\n[[routes]]\naction = "smarthost"\nsmarthost = "nowhere"\n')
+        if "[dns]" not in body:
+            # Never the system resolver: it would send queries off this machine.
+            body += '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 1.0\n'
         text = (f'[server]\nhostname = "relay.test"\nspool_dir = "{self.spool}"\n'
                 f'[tls]\ncertificate = "{self.cert}"\nprivate_key = "{self.key}"\n'
                 f"{listeners}\n{body}")
@@ -89,7 +97,8 @@ class Daemon:
 
     def queued(self) -> list[str]:
         queue = self.spool / "queue"
-        return sorted(p.name for p in queue.iterdir()) if queue.exists() else []
+        return sorted(p.name for p in queue.iterdir()
+                      if not p.name.endswith(".state")) if queue.exists() else []
 
     def ca_file(self) -> str:
         path = self.dir / "ca.pem"
@@ -117,3 +126,77 @@ def relaygw_cli(*args: str, input: str | None = None, cwd=None) -> subprocess.Co
 @pytest.fixture
 def cli():
     return relaygw_cli
+
+
+class CaptureHandler:
+    """aiosmtpd handler recording every transaction; replies can be scripted."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.rcpt_replies: list[str] = []  # consumed one per RCPT; empty: accept
+        self.data_replies: list[str] = []  # consumed one per DATA; empty: accept
+        self.on_data = None  # called before answering DATA
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if self.rcpt_replies:
+            return self.rcpt_replies.pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if self.on_data is not None:
+            self.on_data()
+        if self.data_replies:
+            return self.data_replies.pop(0)
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 2.0.0 captured"
+
+
+class Capture:
+    """An aiosmtpd server on loopback, in its own thread."""
+
+    def __init__(self, **kw) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.handler = CaptureHandler()
+        self.port = free_port()
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
+                                     decode_data=False, **kw)
+        self.controller.start()
+
+    @property
+    def messages(self):
+        return self.handler.messages
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.handler.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.handler.messages
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+@pytest.fixture
+def capture():
+    servers = []
+
+    def make(**kw) -> Capture:
+        server = Capture(**kw)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()

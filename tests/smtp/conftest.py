@@ -14,6 +14,7 @@ from relaygw.inbound import ConfiguredPolicy
 from relaygw.smtp.server import ConnectionCounter, ServerSettings, SMTPServerFactory
 from relaygw.testing import FakeAuthenticator, SynchronousSpool, TLSStringTransport
 
+
 class Session:
     """Drives one server session; send() returns the reply lines it caused."""
 

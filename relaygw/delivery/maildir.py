@@ -1,0 +1,200 @@
+"""Maildir delivery (https://cr.yp.to/proto/maildir.html): one message, one mailbox, on disk.
+
+Synchronous and free of Twisted: the caller runs it in the spool's thread pool. The steps are the
+classic ones, with the fsyncs a crash-safe queue needs:
+
+1. create ``tmp/``, ``new/`` and ``cur/`` (mode 0700, missing parents too) when absent;
+2. write ``tmp/<unique>``: ``Return-Path`` and ``Delivered-To`` lines, then the stored message,
+   copied from the spool file in bounded chunks; fsync the file;
+3. hard-link it into ``new/`` (rename where the file system has no hard links), fsync ``new/``;
+4. only then report ``2.0.0`` and remove the ``tmp/`` name.
+
+Every failure is a transient result, never an exception and never a permanent failure: a full disk,
+a wrong permission or a mailbox path that is a file are the operator's to fix, and the message waits
+in the queue meanwhile. Whatever was written is removed again, so a retry starts clean.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from relaygw.delivery.result import DeliveryResult, delivered, transient
+
+__all__ = ["CHUNK_SIZE", "deliver_to_maildir", "unique_name"]
+
+CHUNK_SIZE = 1024 * 1024  # bytes copied per read: memory stays bounded whatever the message size
+
+# Line endings in the mailbox. The spool holds the message exactly as received, with CRLF, and
+# "crlf" keeps it byte-exact; most MUAs (Dovecot, mutt, Thunderbird) read CRLF in Maildir files.
+# Postfix's local(8) and maildrop write LF, the Unix convention: "lf" converts CRLF to LF.
+LINE_ENDINGS = ("crlf", "lf")
+
+_counter = itertools.count(1)
+_counter_lock = threading.Lock()  # deliveries run in a thread pool
+
+
+def unique_name(hostname: str, now: float) -> str:
+    """A Maildir unique name: ``<secs>.M<usecs>P<pid>Q<n>R<random>.<host>``.
+
+    The delivery counter and the random part keep names distinct within one process and
+    microsecond; the pid across processes. As the spec says, "/" and ":" in the host name become
+    ``\\057`` and ``\\072`` (":" separates the info part of a name in ``cur/``).
+    """
+    with _counter_lock:
+        count = next(_counter)
+    usecs = int(now * 1_000_000) % 1_000_000
+    host = (hostname or "localhost").replace("/", "\\057").replace(":", "\\072")
+    return f"{int(now)}.M{usecs}P{os.getpid()}Q{count}R{secrets.token_hex(8)}.{host}"
+
+
+def deliver_to_maildir(maildir: Path, recipient: str, sender: str, message_path: Path,
+                       content_offset: int, queue_id: str, hostname: str,
+                       now: float | None = None, *, line_endings: str = "crlf") -> DeliveryResult:
+    """Deliver the message stored at ``message_path[content_offset:]`` into ``maildir/new``.
+
+    ``queue_id`` is accepted for the courier's uniform call; the file name does not carry it.
+    Returns ``delivered("2.0.0")`` only after the file and the ``new/`` directory are fsynced;
+    otherwise a transient result (``4.3.1`` disk full, ``4.2.2`` quota exceeded, ``4.3.0`` any
+    other fault, ``4.3.5`` a bad ``line_endings`` option). Never raises.
+    """
+    if line_endings not in LINE_ENDINGS:
+        return transient("4.3.5", f"maildir delivery failed: unknown line_endings {line_endings!r}")
+    maildir = Path(maildir)
+    when = time.time() if now is None else now
+    eol = b"\n" if line_endings == "lf" else b"\r\n"
+    prefix = (b"Return-Path: <" + _header_safe(sender) + b">" + eol
+              + b"Delivered-To: <" + _header_safe(recipient) + b">" + eol)
+    tmp_path: Path | None = None
+    new_path: Path | None = None
+    try:
+        problem = _ensure_maildir(maildir)
+        if problem is not None:
+            return transient("4.3.0", f"maildir delivery failed: {problem}")
+        name = unique_name(hostname, when)
+        fd = os.open(maildir / "tmp" / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
+        tmp_path = maildir / "tmp" / name  # ours only once created (O_EXCL)
+        try:
+            _write_all(fd, prefix)
+            _copy_content(fd, message_path, content_offset, crlf_to_lf=line_endings == "lf")
+            os.fsync(fd)  # os.write is unbuffered: nothing to flush first
+        finally:
+            os.close(fd)
+        _link_or_rename(tmp_path, maildir / "new" / name)
+        new_path = maildir / "new" / name  # ours only now: a name clash must not remove another
+        _fsync_dir(maildir / "new")
+    except OSError as exc:
+        _remove(tmp_path)
+        _remove(new_path)  # not durable yet: the retry must not leave a second copy
+        return _failure(exc)
+    except Exception as exc:  # never raise: the queue keeps the message and retries
+        _remove(tmp_path)
+        _remove(new_path)
+        return transient("4.3.0", f"maildir delivery failed: {exc!r}")
+    _remove(tmp_path)  # after a link; a leftover would be harmless (MUAs clean tmp/ after 36 h)
+    return delivered(f"delivered to maildir {maildir}")
+
+
+def _failure(exc: OSError) -> DeliveryResult:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EDQUOT:
+        return transient("4.2.2", f"maildir delivery failed: mailbox full: {reason}")
+    if exc.errno == errno.ENOSPC:
+        return transient("4.3.1", f"maildir delivery failed: {reason}")
+    return transient("4.3.0", f"maildir delivery failed: {reason}")
+
+
+def _header_safe(address: str) -> bytes:
+    # Addresses are validated at RCPT/MAIL time; this is the second line of defence, so that no
+    # address can add a header line of its own.
+    for char in "\r\n\x00":
+        address = address.replace(char, " ")
+    return address.encode("utf-8", "replace")
+
+
+def _ensure_maildir(maildir: Path) -> str | None:
+    """Create the Maildir when missing; a reason string when a part exists and is no directory."""
+    for path in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
+        if not path.is_dir():
+            if path.exists() or path.is_symlink():
+                return f"{path} exists and is not a directory"
+            _make_dirs(path)
+    return None
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` with mode 0700 for every directory created, each entry made durable."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.is_dir():
+        if probe.exists() or probe.is_symlink() or probe.parent == probe:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe))
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if not directory.is_dir():  # raced with something that is not a directory
+                raise
+            continue
+        os.chmod(directory, 0o700)  # whatever the umask; mkdir's mode is only an upper bound
+        _fsync_dir(directory.parent)
+
+
+def _copy_content(fd: int, message_path: Path, offset: int, *, crlf_to_lf: bool) -> None:
+    src = os.open(message_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(src, offset, os.SEEK_SET)
+        held = b""  # "lf" mode: a CR at the end of a chunk may pair with an LF in the next one
+        while True:
+            chunk = os.read(src, CHUNK_SIZE)
+            if not chunk:
+                break
+            if crlf_to_lf:
+                chunk = held + chunk
+                held = b"\r" if chunk.endswith(b"\r") else b""
+                chunk = chunk[: len(chunk) - len(held)].replace(b"\r\n", b"\n")
+            _write_all(fd, chunk)
+        _write_all(fd, held)
+    finally:
+        os.close(src)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _link_or_rename(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # fails, rather than overwrites, if the name is taken
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+            raise
+        os.rename(source, target)  # file systems without hard links (e.g. vfat, some FUSE)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path | None) -> None:
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass

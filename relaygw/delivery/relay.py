@@ -1,0 +1,326 @@
+"""SMTP delivery to smarthosts and to recipients' MX hosts.
+
+One job is one message's recipients for one next hop. Hosts are tried in
+order (smarthost list, or MX preference); a connection failure or a refused
+greeting moves to the next host, and a host that keeps failing is skipped
+for a while (circuit breaker). Once a transaction has started, a failure is
+not retried elsewhere at once: the queue retries later, so a message is never
+sent twice in one attempt. Idle connections are kept briefly for reuse.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.logger import Logger
+
+from relaygw.delivery.result import DeliveryResult, permanent, transient
+from relaygw.dns import DNSFailure
+from relaygw.queue.manager import DeliveryJob
+from relaygw.smtp.client import (
+    ClientPolicy,
+    OutboundMessage,
+    SessionFailure,
+    SMTPClientProtocol,
+    connect,
+)
+
+log = Logger()
+
+CHUNK = 256 * 1024
+IDLE_REUSE = 5.0  # seconds an idle outbound connection waits for another message
+FAILURES_TO_OPEN = 3  # consecutive connection failures before a host is skipped
+OPEN_FOR = 60.0  # seconds a failing host is skipped before one trial connection
+
+
+class HostHealth:
+    """A circuit breaker per host: closed (use), open (skip), half-open (one trial)."""
+
+    def __init__(self, clock: Any, failures_to_open: int = FAILURES_TO_OPEN,
+                 open_for: float = OPEN_FOR) -> None:
+        self.clock = clock
+        self.failures_to_open = failures_to_open
+        self.open_for = open_for
+        self._failures: dict[str, int] = {}
+        self._opened_at: dict[str, float] = {}
+
+    def state(self, host: str) -> str:
+        opened = self._opened_at.get(host)
+        if opened is None:
+            return "closed"
+        return "half-open" if self.clock.seconds() - opened >= self.open_for else "open"
+
+    def available(self, host: str) -> bool:
+        return self.state(host) != "open"
+
+    def failed(self, host: str) -> None:
+        count = self._failures.get(host, 0) + 1
+        self._failures[host] = count
+        if count >= self.failures_to_open:
+            if self.state(host) != "open":
+                log.warn("delivery: {host} failed {n} times in a row; skipping it for {s:.0f}s",
+                         host=host, n=count, s=self.open_for)
+            self._opened_at[host] = self.clock.seconds()
+
+    def succeeded(self, host: str) -> None:
+        self._failures.pop(host, None)
+        self._opened_at.pop(host, None)
+
+    def states(self) -> dict[str, str]:
+        return {host: self.state(host) for host in set(self._failures) | set(self._opened_at)}
+
+
+class _ContentReader:
+    """Reads the stored message in the spool's thread pool, chunk by chunk."""
+
+    def __init__(self, run: Callable[..., Deferred], path: Path, offset: int) -> None:
+        self._run = run
+        self._path = path
+        self._offset = offset
+        self._file: Any = None
+
+    def read(self) -> Deferred:
+        return self._run(self._read)
+
+    def _read(self) -> bytes:
+        if self._file is None:
+            self._file = open(self._path, "rb")  # noqa: SIM115 - closed at the end or by close()
+            self._file.seek(self._offset)
+        data = self._file.read(CHUNK)
+        if not data:
+            self._close()
+        return data
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> Deferred:
+        return self._run(self._close)
+
+
+@dataclass(frozen=True)
+class _Target:
+    host: str  # a name or an IP literal
+    port: int
+    policy: ClientPolicy
+
+
+class ConnectionPool:
+    """Idle, reusable connections by (ip, port, policy)."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self._idle: dict[tuple, list[tuple[SMTPClientProtocol, Any]]] = {}
+
+    def take(self, key: tuple) -> SMTPClientProtocol | None:
+        entries = self._idle.get(key, [])
+        while entries:
+            proto, timer = entries.pop()
+            if timer.active():
+                timer.cancel()
+            if proto.usable:
+                return proto
+        return None
+
+    def give(self, key: tuple, proto: SMTPClientProtocol) -> None:
+        if not proto.usable:
+            return
+        entries = self._idle.setdefault(key, [])
+
+        def expire() -> None:
+            for i, (p, _) in enumerate(entries):
+                if p is proto:
+                    del entries[i]
+                    break
+            proto.quit()
+
+        entries.append((proto, self.clock.callLater(IDLE_REUSE, expire)))
+
+    def close_all(self) -> None:
+        for entries in self._idle.values():
+            for proto, timer in entries:
+                if timer.active():
+                    timer.cancel()
+                proto.quit()
+        self._idle.clear()
+
+
+class RelayCourier:
+    def __init__(self, reactor: Any, resolver: Any, config_source: Callable[[], Any],
+                 run: Callable[..., Deferred]) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.config_source = config_source
+        self.run = run
+        self.health = HostHealth(reactor)
+        self.pool = ConnectionPool(reactor)
+        self._total: DeferredSemaphore | None = None
+        self._per_destination: dict[str, DeferredSemaphore] = {}
+        self._secrets: dict[Path, str] = {}
+        self._trust: dict[Path, Any] = {}
+
+    # -- limits -----------------------------------------------------------------
+
+    def _limits(self, destination: str) -> tuple[DeferredSemaphore, DeferredSemaphore]:
+        delivery = self.config_source().delivery
+        if self._total is None or self._total.limit != delivery.max_connections:
+            self._total = DeferredSemaphore(delivery.max_connections)
+        sem = self._per_destination.get(destination)
+        if sem is None or sem.limit != delivery.max_connections_per_destination:
+            sem = self._per_destination[destination] = DeferredSemaphore(
+                delivery.max_connections_per_destination)
+        return self._total, sem
+
+    def deliver(self, job: DeliveryJob) -> Deferred:
+        destination = job.decisions[0].nexthop
+        total, per_destination = self._limits(destination)
+        # Wait for the destination first, so a busy destination holds no global token.
+        return per_destination.run(total.run, self._deliver, job)
+
+    # -- targets ----------------------------------------------------------------
+
+    def _trust_root(self, ca_file: Path | None) -> Any:
+        if ca_file is None:
+            return None
+        if ca_file not in self._trust:
+            pems = ca_file.read_bytes().split(b"-----END CERTIFICATE-----")
+            certs = [Certificate.loadPEM(p + b"-----END CERTIFICATE-----\n")
+                     for p in pems if b"-----BEGIN CERTIFICATE-----" in p]
+            self._trust[ca_file] = trustRootFromCertificates(certs)
+        return self._trust[ca_file]
+
+    def _password(self, path: Path | None) -> str | None:
+        if path is None:
+            return None
+        if path not in self._secrets:
+            self._secrets[path] = path.read_text().strip("\r\n")
+        return self._secrets[path]
+
+    def _smarthost_targets(self, name: str) -> list[_Target]:
+        config = self.config_source()
+        smarthost = config.smarthost(name)
+        targets = []
+        for hp in smarthost.hosts:
+            policy = ClientPolicy(
+                helo_name=config.server.hostname, tls=smarthost.tls, tls_hostname=hp.host,
+                trust_root=self._trust_root(smarthost.ca_file), username=smarthost.username,
+                password=self._password(smarthost.password_file),
+                timeouts=config.delivery.timeouts)
+            targets.append(_Target(hp.host, hp.port, policy))
+        return targets
+
+    @inlineCallbacks
+    def _mx_targets(self, domain: str):
+        config = self.config_source()
+        answer = yield self.resolver.mx_hosts(domain)
+        targets = []
+        for mx in answer.hosts:
+            if mx.host == config.server.hostname:
+                raise DNSFailure(permanent(
+                    "5.4.6", f"mail for {domain} loops back to myself (MX {mx.host})"))
+            policy = ClientPolicy(
+                helo_name=config.server.hostname, tls=config.delivery.tls, tls_hostname=mx.host,
+                trust_root=self._trust_root(config.delivery.ca_file),
+                timeouts=config.delivery.timeouts)
+            targets.append(_Target(mx.host, config.delivery.mx_port, policy))
+        return targets
+
+    def _is_myself(self, ip: str, port: int) -> bool:
+        address = ipaddress.ip_address(ip)
+        for listener in self.config_source().listeners:
+            if listener.port != port:
+                continue
+            if listener.host in ("0.0.0.0", "::") and address.is_loopback:
+                return True
+            if ipaddress.ip_address(listener.host) == address:
+                return True
+        return False
+
+    # -- delivery ---------------------------------------------------------------
+
+    @inlineCallbacks
+    def _deliver(self, job: DeliveryJob):
+        decision = job.decisions[0]
+        count = len(job.decisions)
+        try:
+            if decision.action == "smarthost":
+                targets = self._smarthost_targets(decision.smarthost)
+            else:
+                targets = yield self._mx_targets(decision.domain)
+        except DNSFailure as e:
+            return [e.result] * count
+        except (OSError, KeyError, ValueError) as e:
+            return [transient("4.3.5", f"delivery configuration problem: {e}")] * count
+        message = self._message(job)
+        last: DeliveryResult = transient("4.4.1", "no host could be reached")
+        usable = [t for t in targets if self.health.available(f"{t.host}:{t.port}")]
+        for target in usable or targets:
+            key = f"{target.host}:{target.port}"
+            try:
+                addresses = yield self.resolver.host_addresses(target.host)
+            except DNSFailure as e:
+                last = transient("4.4.3", e.result.text)
+                continue
+            for ip in addresses:
+                if decision.action == "mx" and self._is_myself(ip, target.port):
+                    return [permanent("5.4.6", f"mail for {decision.domain} loops back to "
+                                               f"myself ({target.host}[{ip}])")] * count
+                outcome = yield self._try_host(target, ip, message(), count)
+                if isinstance(outcome, list):
+                    self.health.succeeded(key)
+                    return outcome
+                last = outcome
+            self.health.failed(key)
+        return [last] * count
+
+    def _message(self, job: DeliveryJob) -> Callable[[], tuple[OutboundMessage, _ContentReader]]:
+        envelope = job.envelope
+        recipients = tuple(d.recipient for d in job.decisions)
+        params = tuple(envelope.recipients[i].params for i in job.indexes)
+        mail_params = {k: v for k, v in envelope.params.items() if k in ("RET", "ENVID")}
+
+        def make() -> tuple[OutboundMessage, _ContentReader]:
+            reader = _ContentReader(self.run, job.content_path, job.content_offset)
+            return OutboundMessage(
+                sender=envelope.sender, recipients=recipients, rcpt_params=params,
+                size=job.size, read_chunk=reader.read, smtputf8=envelope.smtputf8,
+                eight_bit=envelope.params.get("BODY") == "8BITMIME",
+                mail_params=mail_params), reader
+
+        return make
+
+    @inlineCallbacks
+    def _try_host(self, target: _Target, ip: str, made: tuple, count: int):
+        """A list of per-recipient results once a transaction ran, or one
+        transient result when this host could not be used (try the next)."""
+        message, reader = made
+        remote = f"{target.host}[{ip}]:{target.port}"
+        key = (ip, target.port, target.policy)
+        proto = self.pool.take(key)
+        try:
+            if proto is None:
+                try:
+                    proto = yield connect(self.reactor, ip, target.port, target.policy, remote)
+                except SessionFailure as e:
+                    log.info("delivery: {remote} unusable: {reply}", remote=remote,
+                             reply=e.result.diagnostic)
+                    return e.result
+            try:
+                results = yield proto.send(message)
+            except SessionFailure as e:
+                return [e.result] * count
+            self.pool.give(key, proto)
+            return results
+        finally:
+            reader.close()
+
+    def stop(self) -> None:
+        self.pool.close_all()

@@ -1,0 +1,360 @@
+"""The queue manager: routes each pending recipient at every attempt, hands
+groups to couriers, records per-recipient outcomes, retries, expires, bounces.
+
+Order of effects after an attempt, so a crash never loses or repeats more
+than it must: (1) the new recipient state is saved; (2) a DSN for newly
+failed recipients is committed to the spool; (3) the state is saved again with
+those recipients marked notified; (4) a finished message is removed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from ipaddress import ip_address
+from typing import Any, Protocol
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relaygw.bounce import FailedRecipient, build_dsn, extract_headers, should_bounce
+from relaygw.delivery.result import DELIVERED, PERMANENT, DeliveryResult, transient
+from relaygw.queue.envelope import (
+    DELIVERED as STATE_DELIVERED,
+)
+from relaygw.queue.envelope import (
+    FAILED,
+    Envelope,
+    EnvelopeRecipient,
+    QueueState,
+    RecipientState,
+)
+from relaygw.queue.store import Spool, StoredMessage, new_queue_id
+from relaygw.routing import RouteContext, RouteDecision, route_recipient
+
+log = Logger()
+maillog = Logger(namespace="relaygw.maillog")
+
+
+@dataclass(frozen=True)
+class DeliveryJob:
+    """One courier call: recipients of one message that share a route and next hop."""
+
+    queue_id: str
+    envelope: Envelope
+    content_path: Any
+    content_offset: int
+    size: int
+    indexes: tuple[int, ...]  # positions in envelope.recipients
+    decisions: tuple[RouteDecision, ...]  # same order as indexes
+
+
+class Courier(Protocol):
+    def deliver(self, job: DeliveryJob) -> Deferred:
+        """Deferred[list[DeliveryResult]], one per job recipient, in order; never fails."""
+
+
+@dataclass
+class _Entry:
+    stored: StoredMessage
+    state: QueueState
+    busy: bool = False
+    saving: Deferred = field(default_factory=lambda: succeed(None))
+
+    @property
+    def queue_id(self) -> str:
+        return self.stored.envelope.queue_id
+
+
+class QueueManager(service.Service):
+    name = "queue"
+
+    def __init__(self, spool: Spool, config_source: Callable[[], Any],
+                 couriers: Mapping[str, Courier], clock: Any,
+                 rng: random.Random | None = None) -> None:
+        self.spool = spool
+        self.config_source = config_source  # the current Config (reload swaps it)
+        self.couriers = dict(couriers)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.entries: dict[str, _Entry] = {}
+        self._due: list[tuple[float, str]] = []
+        self._timer: Any = None
+        self._stopping = False
+        self._in_flight: set[Deferred] = set()
+
+    # -- life cycle -----------------------------------------------------------
+
+    def load(self, messages: list[StoredMessage]) -> None:
+        """Take over what the spool held at start-up."""
+        for stored in messages:
+            entry = _Entry(stored, stored.state)
+            self.entries[entry.queue_id] = entry
+            if any(r.needs_bounce for r in entry.state.recipients):
+                self._finish(entry)
+            else:
+                self._schedule(entry)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        self._stopping = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        # Let attempts in flight record their outcome before the spool closes.
+        return DeferredList(list(self._in_flight), consumeErrors=True)
+
+    def enqueued(self, envelope: Envelope) -> None:
+        """A message was accepted: attempt it at once."""
+        d = self.spool.load(envelope.queue_id)
+
+        def loaded(stored: StoredMessage) -> None:
+            entry = _Entry(stored, stored.state)
+            self.entries[entry.queue_id] = entry
+            self._attempt(entry)
+
+        d.addCallbacks(loaded, lambda f: log.failure("queue: cannot load {queue_id}", f,
+                                                      queue_id=envelope.queue_id))
+
+    # -- scheduling -----------------------------------------------------------
+
+    def _now(self) -> float:
+        return self.clock.seconds()
+
+    def _schedule(self, entry: _Entry) -> None:
+        pending = [r.next_attempt for r in entry.state.recipients if r.status == "pending"]
+        if not pending or entry.state.held:
+            return
+        heapq.heappush(self._due, (min(pending), entry.queue_id))
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._stopping or not self._due:
+            return
+        delay = max(0.0, self._due[0][0] - self._now())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self._now() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self._now()
+        while self._due and self._due[0][0] <= now:
+            _, queue_id = heapq.heappop(self._due)
+            entry = self.entries.get(queue_id)
+            if entry is not None and not entry.busy:
+                self._attempt(entry)
+        self._arm()
+
+    def flush(self, queue_id: str | None = None) -> int:
+        """Make pending recipients due now; returns how many messages that touched."""
+        now = self._now()
+        touched = 0
+        for entry in list(self.entries.values()):
+            if queue_id is not None and entry.queue_id != queue_id:
+                continue
+            rcpts = tuple(replace(r, next_attempt=now) if r.status == "pending" else r
+                          for r in entry.state.recipients)
+            entry.state = replace(entry.state, recipients=rcpts)
+            touched += 1
+            if not entry.busy:
+                self._attempt(entry)
+        return touched
+
+    # -- attempts -------------------------------------------------------------
+
+    def _attempt(self, entry: _Entry) -> None:
+        if self._stopping or entry.busy or entry.state.held:
+            return
+        now = self._now()
+        envelope = entry.stored.envelope
+        due = [i for i, r in enumerate(entry.state.recipients)
+               if r.status == "pending" and r.next_attempt <= now]
+        if not due:
+            self._schedule(entry)
+            return
+        config = self.config_source()
+        context = RouteContext(sender=envelope.sender,
+                               client_ip=ip_address(envelope.client_ip)
+                               if envelope.client_ip else None,
+                               authenticated=envelope.auth_user is not None)
+        decisions = {i: route_recipient(entry.state.recipients[i].address, context, config)
+                     for i in due}
+        entry.busy = True
+        started = time.monotonic()
+        groups: list[Deferred] = []
+        rejects = [i for i in due if decisions[i].is_reject]
+        if rejects:
+            results = [decisions[i].as_delivery_result() for i in rejects]
+            groups.append(self._record(entry, rejects, [decisions[i] for i in rejects],
+                                       results, started))
+        by_nexthop: dict[tuple[str, str], list[int]] = {}
+        for i in due:
+            if not decisions[i].is_reject:
+                by_nexthop.setdefault((decisions[i].action, decisions[i].nexthop), []).append(i)
+        for (action, _nexthop), indexes in by_nexthop.items():
+            group = [decisions[i] for i in indexes]
+            job = DeliveryJob(entry.queue_id, envelope,
+                              self.spool.content_path(entry.queue_id),
+                              entry.stored.content_offset, entry.stored.size,
+                              tuple(indexes), tuple(group))
+            courier = self.couriers.get(action)
+            if courier is None:
+                d = succeed([transient("4.3.5", f"no courier for action {action}")] * len(group))
+            else:
+                d = courier.deliver(job)
+            d.addErrback(self._courier_failed, len(group))
+            d.addCallback(lambda results, idx=indexes, grp=group: self._record(
+                entry, idx, grp, results, started))
+            groups.append(d)
+        done = DeferredList(groups, consumeErrors=True)
+        self._in_flight.add(done)
+        done.addBoth(lambda _: self._attempt_done(entry, done))
+
+    @staticmethod
+    def _courier_failed(failure: Failure, count: int) -> list[DeliveryResult]:
+        log.failure("courier failed", failure)
+        return [transient("4.3.0", f"internal delivery error: {failure.getErrorMessage()}")] * count
+
+    def _record(self, entry: _Entry, indexes: list[int], decisions: list[RouteDecision],
+                results: list[DeliveryResult], started: float) -> Deferred:
+        """Apply one group's outcome and save it before anything else happens."""
+        config = self.config_source()
+        now = self._now()
+        envelope = entry.stored.envelope
+        state = entry.state
+        for index, decision, result in zip(indexes, decisions, results, strict=True):
+            old = state.recipients[index]
+            new = self._next_state(old, result, envelope, config, now)
+            state = state.with_recipient(index, new)
+            self._log_attempt(entry, decision, result, new, now, started)
+        entry.state = state
+        return self._persist(entry)
+
+    def _next_state(self, old: RecipientState, result: DeliveryResult, envelope: Envelope,
+                    config: Any, now: float) -> RecipientState:
+        common = dict(attempts=old.attempts + 1, last_attempt=now, last_reply=result.diagnostic,
+                      enhanced=result.enhanced, remote_host=result.remote)
+        if result.status == DELIVERED:
+            return replace(old, status=STATE_DELIVERED, **common)
+        if result.status == PERMANENT:
+            return replace(old, status=FAILED, notified=not should_bounce(envelope.sender),
+                           **common)
+        if now - envelope.arrived >= config.delivery.max_queue_time:
+            return replace(old, status=FAILED, notified=not should_bounce(envelope.sender),
+                           **{**common, "enhanced": "4.4.7",
+                              "last_reply": f"{result.diagnostic} (delivery time expired)"})
+        intervals = config.delivery.retry_intervals
+        interval = intervals[min(old.attempts, len(intervals) - 1)]
+        delay = interval * self.rng.uniform(0.8, 1.2)  # jitter: no retry stampede
+        return replace(old, next_attempt=now + delay, **common)
+
+    def _log_attempt(self, entry: _Entry, decision: RouteDecision, result: DeliveryResult,
+                     new: RecipientState, now: float, started: float) -> None:
+        status = {STATE_DELIVERED: "sent", FAILED: "bounced"}.get(new.status, "deferred")
+        if new.status == FAILED and new.enhanced == "4.4.7":
+            status = "expired"
+        maillog.info(
+            "attempt id={queue_id} to=<{rcpt}> route={route} relay={relay} tls={tls} "
+            "delay={delay:.2f} duration={duration:.2f} status={status} reply={reply}",
+            queue_id=entry.queue_id, rcpt=new.address, route=decision.route_label,
+            relay=result.remote or decision.nexthop or "none", tls=result.tls or "none",
+            delay=now - entry.stored.envelope.arrived, duration=time.monotonic() - started,
+            status=status, reply=result.diagnostic, event="attempt")
+
+    def _persist(self, entry: _Entry) -> Deferred:
+        """Save the entry's current state; saves of one message never overtake."""
+
+        def save(_: Any) -> Deferred:
+            return self.spool.save_state(entry.queue_id, entry.state)
+
+        entry.saving.addCallback(save)
+        entry.saving.addErrback(lambda f: log.failure(
+            "queue: cannot save state of {queue_id}", f, queue_id=entry.queue_id))
+        result: Deferred = Deferred()
+        entry.saving.addBoth(lambda r: (result.callback(None), r)[1])
+        return result
+
+    def _attempt_done(self, entry: _Entry, done: Deferred) -> None:
+        self._in_flight.discard(done)
+        entry.busy = False
+        self._finish(entry)
+
+    # -- bounces and completion -------------------------------------------------
+
+    def _finish(self, entry: _Entry) -> None:
+        failed = [i for i, r in enumerate(entry.state.recipients) if r.needs_bounce]
+        d = self._bounce(entry, failed) if failed else succeed(None)
+        d.addCallback(lambda _: self._complete_or_reschedule(entry))
+        d.addErrback(lambda f: log.failure("queue: finishing {queue_id} failed", f,
+                                           queue_id=entry.queue_id))
+
+    def _complete_or_reschedule(self, entry: _Entry) -> Deferred | None:
+        if entry.state.is_complete:
+            self.entries.pop(entry.queue_id, None)
+            d = entry.saving.addCallback(lambda _: self.spool.remove(entry.queue_id))
+            d.addCallback(lambda _: maillog.info("removed id={queue_id}",
+                                                 queue_id=entry.queue_id, event="removed"))
+            return d
+        self._schedule(entry)
+        return None
+
+    def _bounce(self, entry: _Entry, indexes: list[int]) -> Deferred:
+        config = self.config_source()
+        envelope = entry.stored.envelope
+        hostname = config.server.hostname
+        failed = []
+        for i in indexes:
+            r = entry.state.recipients[i]
+            params = envelope.recipients[i].params if i < len(envelope.recipients) else {}
+            orcpt = params.get("ORCPT")
+            failed.append(FailedRecipient(
+                address=r.address, status=r.enhanced or "5.0.0", diagnostic=r.last_reply,
+                remote_mta=(r.remote_host or "").split("[")[0] or None,
+                original_recipient=_unxtext(orcpt.split(";", 1)[1])
+                if orcpt and ";" in orcpt else None))
+
+        def build(headers: bytes) -> Deferred:
+            now = self._now()
+            dsn_id = new_queue_id()
+            envid = envelope.params.get("ENVID")
+            dsn = build_dsn(reporting_mta=hostname,
+                            envelope_id=_unxtext(envid) if envid else None,
+                            queue_id=envelope.queue_id, sender=envelope.sender,
+                            arrival=envelope.arrived, recipients=failed,
+                            original_headers=headers, now=now, message_id_domain=hostname)
+            bounce = Envelope(queue_id=dsn_id, sender="",
+                              recipients=(EnvelopeRecipient(envelope.sender),), arrived=now,
+                              helo=hostname, params={"BODY": "8BITMIME"})
+            writer = self.spool.new_message(bounce)
+            writer.write(dsn)
+            return writer.commit().addCallback(lambda _: bounce)
+
+        def queued(bounce: Envelope) -> Deferred:
+            maillog.info("bounced id={queue_id} dsn={dsn_id} to=<{sender}> rcpts={rcpts}",
+                         queue_id=envelope.queue_id, dsn_id=bounce.queue_id,
+                         sender=envelope.sender, rcpts=",".join(f.address for f in failed),
+                         event="bounced")
+            state = entry.state
+            for i in indexes:
+                state = state.with_recipient(i, replace(state.recipients[i], notified=True))
+            entry.state = state
+            self.enqueued(bounce)
+            return self._persist(entry)
+
+        d = self.spool.run(extract_headers, self.spool.content_path(entry.queue_id),
+                           entry.stored.content_offset)
+        d.addCallback(build)
+        d.addCallback(queued)
+        return d
+
+
+def _unxtext(value: str) -> str:
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
