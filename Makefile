@@ -33,7 +33,7 @@ run: $(STAMP)
 	$(BIN)/relaygw run
 
 lint: $(STAMP)
-	$(BIN)/ruff check relaygw tests twisted benchmarks
+	$(BIN)/ruff check .
 
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest
