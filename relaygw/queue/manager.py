@@ -65,6 +65,7 @@ class _Entry:
     stored: StoredMessage
     state: QueueState
     busy: bool = False
+    deleted: bool = False  # an operator deleted it while an attempt was in flight
     saving: Deferred = field(default_factory=lambda: succeed(None))
 
     @property
@@ -152,21 +153,6 @@ class QueueManager(service.Service):
             if entry is not None and not entry.busy:
                 self._attempt(entry)
         self._arm()
-
-    def flush(self, queue_id: str | None = None) -> int:
-        """Make pending recipients due now; returns how many messages that touched."""
-        now = self._now()
-        touched = 0
-        for entry in list(self.entries.values()):
-            if queue_id is not None and entry.queue_id != queue_id:
-                continue
-            rcpts = tuple(replace(r, next_attempt=now) if r.status == "pending" else r
-                          for r in entry.state.recipients)
-            entry.state = replace(entry.state, recipients=rcpts)
-            touched += 1
-            if not entry.busy:
-                self._attempt(entry)
-        return touched
 
     # -- attempts -------------------------------------------------------------
 
@@ -285,7 +271,85 @@ class QueueManager(service.Service):
     def _attempt_done(self, entry: _Entry, done: Deferred) -> None:
         self._in_flight.discard(done)
         entry.busy = False
+        if entry.deleted:
+            self._remove(entry, "deleted by operator")
+            return
         self._finish(entry)
+
+    # -- operator actions -------------------------------------------------------
+
+    def _entries(self, ids: list[str] | None) -> list[_Entry]:
+        if ids is None:
+            return list(self.entries.values())
+        missing = [i for i in ids if i not in self.entries]
+        if missing:
+            raise UnknownMessage(missing)
+        return [self.entries[i] for i in ids]
+
+    def flush(self, ids: list[str] | None = None) -> list[str]:
+        """Make pending recipients due now and attempt them."""
+        now = self._now()
+        done = []
+        for entry in self._entries(ids):
+            rcpts = tuple(replace(r, next_attempt=now) if r.status == "pending" else r
+                          for r in entry.state.recipients)
+            entry.state = replace(entry.state, recipients=rcpts)
+            done.append(entry.queue_id)
+            if not entry.busy:
+                self._attempt(entry)
+        return done
+
+    def hold(self, ids: list[str]) -> Deferred:
+        """Park messages: no attempt until released (one in flight finishes)."""
+        return self._set_held(self._entries(ids), True)
+
+    def release(self, ids: list[str]) -> Deferred:
+        entries = self._entries(ids)
+        d = self._set_held(entries, False)
+        d.addCallback(lambda done: ([self._schedule(e) for e in entries], done)[1])
+        return d
+
+    def _set_held(self, entries: list[_Entry], held: bool) -> Deferred:
+        saves = []
+        for entry in entries:
+            entry.state = replace(entry.state, held=held)
+            saves.append(self._persist(entry))
+        return DeferredList(saves).addCallback(lambda _: [e.queue_id for e in entries])
+
+    def delete(self, ids: list[str]) -> Deferred:
+        """Drop messages without a bounce; one being delivered goes when its attempt ends."""
+        entries = self._entries(ids)
+        removals = []
+        for entry in entries:
+            entry.deleted = True
+            if not entry.busy:
+                removals.append(self._remove(entry, "deleted by operator"))
+        return DeferredList(removals).addCallback(lambda _: [e.queue_id for e in entries])
+
+    def bounce(self, ids: list[str]) -> Deferred:
+        """Fail every pending recipient and send the sender a DSN."""
+        entries = self._entries(ids)
+        now = self._now()
+        for entry in entries:
+            state = entry.state
+            for i, r in enumerate(state.recipients):
+                if r.status == "pending":
+                    state = state.with_recipient(i, replace(
+                        r, status=FAILED, enhanced="5.0.0", last_attempt=now,
+                        last_reply="5.0.0 returned to sender by the mail administrator",
+                        notified=not should_bounce(entry.stored.envelope.sender)))
+            entry.state = state
+            if not entry.busy:
+                self._persist(entry)
+                self._finish(entry)
+        return succeed([e.queue_id for e in entries])
+
+    def _remove(self, entry: _Entry, why: str) -> Deferred:
+        self.entries.pop(entry.queue_id, None)
+        d = entry.saving.addCallback(lambda _: self.spool.remove(entry.queue_id))
+        d.addCallback(lambda _: maillog.info("removed id={queue_id} ({why})",
+                                             queue_id=entry.queue_id, why=why, event="removed"))
+        return d
 
     # -- bounces and completion -------------------------------------------------
 
@@ -298,11 +362,7 @@ class QueueManager(service.Service):
 
     def _complete_or_reschedule(self, entry: _Entry) -> Deferred | None:
         if entry.state.is_complete:
-            self.entries.pop(entry.queue_id, None)
-            d = entry.saving.addCallback(lambda _: self.spool.remove(entry.queue_id))
-            d.addCallback(lambda _: maillog.info("removed id={queue_id}",
-                                                 queue_id=entry.queue_id, event="removed"))
-            return d
+            return self._remove(entry, "done")
         self._schedule(entry)
         return None
 
@@ -358,3 +418,23 @@ class QueueManager(service.Service):
 
 def _unxtext(value: str) -> str:
     return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+class UnknownMessage(KeyError):
+    """An operator named queue ids that are not in the queue."""
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(ids)
+        self.ids = ids
+
+    def __str__(self) -> str:
+        return "no such message: " + ", ".join(self.ids)
+
+
+def recipient_state_name(r: RecipientState, held: bool) -> str:
+    """What an operator sees: pending (never tried), deferred (tried), held, or final."""
+    if r.status != "pending":
+        return r.status
+    if held:
+        return "held"
+    return "deferred" if r.attempts else "pending"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,14 +24,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20.0,
+                  implicit_tls: bool = False) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"relaygw exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+            # The kernel accepts before start-up is complete; a greeting means it is.
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                if implicit_tls:
+                    ctx = ssl.create_default_context()
+                    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                    s = ctx.wrap_socket(s)  # noqa: PLW2901
+                if s.recv(64).startswith(b"220 "):
+                    return
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"port {port} did not open")
@@ -75,7 +83,8 @@ class Daemon:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([RELAYGW, "run", "--config", str(config)], cwd=self.dir,
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for_port(wait_port or self.port, self.proc)
+        wait_for_port(wait_port or self.port, self.proc,
+                      implicit_tls='tls = "implicit"' in (listeners or ""))
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
