@@ -6,10 +6,14 @@ import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 log = Logger()
+
+
+class ListenError(Exception):
+    """A listener's address cannot be bound."""
 
 
 class ListenerService(service.Service):
@@ -19,34 +23,47 @@ class ListenerService(service.Service):
     listener, not a traceback: the operator has a config or port problem.
     """
 
-    def __init__(self, endpoint: Any, factory: Any, address: str) -> None:
+    def __init__(self, endpoint: Any, factory: Any, address: str, *,
+                 sessions: Any = None, grace: float = 30.0) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.address = address
+        self.sessions = sessions  # the SMTP factory (inside any TLS wrapper): drains sessions
+        self.grace = grace
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._bind()
+        if self.port is not None:  # bound already (a listener added by reload)
+            return
+        try:
+            self.bind()
+        except ListenError as e:
+            print(f"relaygw: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         super().startService()
         if self.port is None:
-            self._bind()
+            self.bind()
 
-    def _bind(self) -> None:
+    def bind(self) -> None:
+        """Listen now; ListenError names the address and the reason."""
         results: list[Any] = []
         self.endpoint.listen(self.factory).addBoth(results.append)
         result = results[0] if results else None
         if result is None or hasattr(result, "getErrorMessage"):
             reason = result.getErrorMessage() if result is not None else "no answer"
-            print(f"relaygw: cannot listen on {self.address}: {reason}", file=sys.stderr)
-            raise SystemExit(1)
+            raise ListenError(f"cannot listen on {self.address}: {reason}")
         self.port = result
 
     def stopService(self) -> Deferred | None:
+        """Stop accepting, then let sessions finish their transactions (grace period)."""
         super().stopService()
+        d = succeed(None)
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
-        return None
+            d = maybeDeferred(port.stopListening)
+        if self.sessions is not None:
+            d.addCallback(lambda _: self.sessions.drain(self.grace))
+        return d

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -18,7 +21,7 @@ from relaygw.delivery.local import MaildirCourier
 from relaygw.delivery.relay import RelayCourier
 from relaygw.dns import Resolver
 from relaygw.inbound import ConfiguredPolicy
-from relaygw.listener import ListenerService
+from relaygw.listener import ListenError, ListenerService
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.service import SpoolService
 from relaygw.queue.store import Spool
@@ -27,6 +30,8 @@ from relaygw.smtp.server import ConnectionCounter, ServerSettings, SMTPServerFac
 from relaygw.smtp.tls import TLSSetupError, ensure_self_signed, server_tls_options
 
 log = Logger()
+
+SHUTDOWN_GRACE = 30.0  # seconds for sessions and deliveries to finish on SIGTERM
 
 
 class StartupError(Exception):
@@ -127,83 +132,176 @@ class ConfigHolder:
         return self.current
 
 
+class _SequentialService(service.MultiService):
+    """Stops its children one after the other, last started first.
+
+    Shutdown is a pipeline: listeners drain their sessions, then deliveries in
+    flight finish, then the thread pools and the spool close.
+    """
+
+    def stopService(self) -> Deferred:
+        service.Service.stopService(self)
+        d: Deferred = succeed(None)
+        for child in reversed(list(self)):
+            d.addCallback(lambda _, c=child: c.stopService())
+            d.addErrback(lambda f: log.failure("shutdown step failed", f))
+        return d
+
+
 class _QueueStarter(service.Service):
     """Hands the spool's recovered messages to the queue once both run."""
 
-    def __init__(self, spool_service: SpoolService, manager: QueueManager,
-                 relay: RelayCourier) -> None:
+    def __init__(self, spool_service: SpoolService, manager: QueueManager) -> None:
         self.spool_service = spool_service
         self.manager = manager
-        self.relay = relay
 
     def startService(self) -> None:
         super().startService()
         self.manager.load(self.spool_service.recovered)
         self.spool_service.recovered = []
 
-    def stopService(self) -> None:
-        super().stopService()
-        self.relay.stop()
+
+def _settings(config: Config, listener: ListenerConfig, tls_options: Any) -> ServerSettings:
+    return ServerSettings(
+        hostname=config.server.hostname,
+        max_message_size=config.server.max_message_size,
+        max_recipients=config.server.max_recipients,
+        max_hops=config.server.max_hops,
+        idle_timeout=config.server.idle_timeout,
+        max_errors=config.server.max_errors,
+        normalize_bare_newlines=config.server.bare_newlines == "normalize",
+        tls_mode=listener.tls,
+        require_tls=listener.require_tls,
+        auth_mode=listener.auth,
+        tls_options=tls_options if listener.tls != "none" else None,
+    )
 
 
-def build_service(config: Config, reactor: Any) -> service.MultiService:
-    holder = ConfigHolder(config)
-    top = service.MultiService()
-    spool_pool = ThreadPool(minthreads=2, maxthreads=16, name="relaygw-spool")
-    spool = Spool(config.server.spool_dir, reactor, spool_pool)
-    spool_service = SpoolService(spool, spool_pool, reactor)
-    spool_service.setServiceParent(top)
+class RelayService(_SequentialService):
+    """The whole daemon: spool, queue, couriers, listeners; reloadable."""
 
-    auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="relaygw-auth")
-    _ThreadPoolService(auth_pool).setServiceParent(top)
-    dns_pool = ThreadPool(minthreads=0, maxthreads=10, name="relaygw-dns")
-    _ThreadPoolService(dns_pool).setServiceParent(top)
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.holder = ConfigHolder(config)
+        spool_pool = ThreadPool(minthreads=2, maxthreads=16, name="relaygw-spool")
+        self.spool = Spool(config.server.spool_dir, reactor, spool_pool)
+        spool_service = SpoolService(self.spool, spool_pool, reactor)
+        spool_service.setServiceParent(self)
+        self.auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="relaygw-auth")
+        _ThreadPoolService(self.auth_pool).setServiceParent(self)
+        self.dns_pool = ThreadPool(minthreads=0, maxthreads=10, name="relaygw-dns")
+        _ThreadPoolService(self.dns_pool).setServiceParent(self)
 
-    resolver = Resolver(reactor, dns_pool, config.dns.nameservers, config.dns.timeout)
-    relay = RelayCourier(reactor, resolver, holder, spool.run)
-    couriers = {
-        "maildir": MaildirCourier(spool.run, lambda: holder().server.hostname),
-        "smarthost": relay,
-        "mx": relay,
-    }
-    manager = QueueManager(spool, holder, couriers, reactor)
-    manager.setServiceParent(top)
-    _QueueStarter(spool_service, manager, relay).setServiceParent(top)
+        self.relay = RelayCourier(reactor, self._resolver(config), self.holder, self.spool.run)
+        couriers = {
+            "maildir": MaildirCourier(self.spool.run, lambda: self.holder().server.hostname),
+            "smarthost": self.relay,
+            "mx": self.relay,
+        }
+        self.manager = QueueManager(self.spool, self.holder, couriers, reactor,
+                                    grace=SHUTDOWN_GRACE, on_grace_over=self.relay.abort_all)
+        self.manager.setServiceParent(self)
+        _QueueStarter(spool_service, self.manager).setServiceParent(self)
 
-    authenticator = _authenticator(config, reactor, auth_pool)
-    tls_options = _tls_options(config)
-    policy = ConfiguredPolicy(holder, spool)
-    counter = ConnectionCounter(config.server.max_connections,
-                                config.server.max_connections_per_client)
-    for listener in config.listeners:
-        settings = ServerSettings(
-            hostname=config.server.hostname,
-            max_message_size=config.server.max_message_size,
-            max_recipients=config.server.max_recipients,
-            max_hops=config.server.max_hops,
-            idle_timeout=config.server.idle_timeout,
-            max_errors=config.server.max_errors,
-            normalize_bare_newlines=config.server.bare_newlines == "normalize",
-            tls_mode=listener.tls,
-            require_tls=listener.require_tls,
-            auth_mode=listener.auth,
-            tls_options=tls_options if listener.tls != "none" else None,
-        )
-        factory: Any = SMTPServerFactory(
-            settings, policy, spool, authenticator, reactor,
-            max_connections=config.server.max_connections,
-            max_connections_per_client=config.server.max_connections_per_client,
-            counter=counter, on_queued=manager.enqueued,
-        )
-        if listener.tls == "implicit":
-            factory = TLSMemoryBIOFactory(tls_options, False, factory)
-        factory.noisy = False
-        ListenerService(_endpoint(reactor, listener), factory,
-                        listener.address).setServiceParent(top)
-        log.info("listening on {address} tls={tls} auth={auth}", address=listener.address,
-                 tls=listener.tls, auth=listener.auth)
-    for route in config.routes:
-        if route.action == "maildir":
-            log.info("routes[{index}]: maildir delivery under {template}", index=route.index,
-                     template=route.maildir)
-    return top
+        self.policy = ConfiguredPolicy(self.holder, self.spool)
+        self.counter = ConnectionCounter(config.server.max_connections,
+                                         config.server.max_connections_per_client)
+        self.listeners = service.MultiService()  # stopped together: they drain in parallel
+        self.listeners.setServiceParent(self)
+        self.by_listener: dict[ListenerConfig, ListenerService] = {}
+        self._apply(config)
+
+    def _resolver(self, config: Config) -> Resolver:
+        return Resolver(self.reactor, self.dns_pool, config.dns.nameservers, config.dns.timeout)
+
+    def _apply(self, config: Config) -> list[str]:
+        """Make the listeners and their settings match ``config``; returns problems."""
+        problems: list[str] = []
+        authenticator = _authenticator(config, self.reactor, self.auth_pool)
+        tls_options = _tls_options(config)
+        self.counter.max_total = config.server.max_connections
+        self.counter.max_per_client = config.server.max_connections_per_client
+        wanted = set(config.listeners)
+        for listener in [lc for lc in self.by_listener if lc not in wanted]:
+            svc = self.by_listener.pop(listener)
+            svc.disownServiceParent()  # stops listening, drains its sessions
+            log.info("stopped listening on {address}", address=listener.address)
+        for listener in config.listeners:
+            settings = _settings(config, listener, tls_options)
+            existing = self.by_listener.get(listener)
+            if existing is not None:
+                existing.sessions.settings = settings
+                existing.sessions.authenticator = authenticator
+                continue
+            factory = SMTPServerFactory(
+                settings, self.policy, self.spool, authenticator, self.reactor,
+                max_connections=config.server.max_connections,
+                max_connections_per_client=config.server.max_connections_per_client,
+                counter=self.counter, on_queued=self.manager.enqueued)
+            outer: Any = factory
+            if listener.tls == "implicit":
+                outer = TLSMemoryBIOFactory(tls_options, False, factory)
+            outer.noisy = factory.noisy = False
+            svc = ListenerService(_endpoint(self.reactor, listener), outer, listener.address,
+                                  sessions=factory, grace=SHUTDOWN_GRACE)
+            if self.running:  # a listener added by reload binds now
+                try:
+                    svc.bind()
+                except ListenError as e:
+                    problems.append(f"listeners: {e}")
+                    continue
+            self.by_listener[listener] = svc
+            svc.setServiceParent(self.listeners)
+            log.info("listening on {address} tls={tls} auth={auth}",
+                     address=listener.address, tls=listener.tls, auth=listener.auth)
+        for route in config.routes:
+            if route.action == "maildir":
+                log.info("routes[{index}]: maildir delivery under {template}",
+                         index=route.index, template=route.maildir)
+        return problems
+
+    def reload(self) -> Deferred:
+        """Re-read the config file; Deferred[list[str]] of problems (empty: applied)."""
+        old = self.holder()
+        if old.source_path is None:
+            return succeed([])  # the embedded default has nothing to re-read
+        d = deferToThread(load_config, old.source_path)
+
+        def loaded(new: Config) -> list[str]:
+            if new.server.spool_dir != old.server.spool_dir:
+                raise ConfigError(["server.spool_dir: cannot change while running; restart"])
+            self.holder.current = new
+            try:
+                problems = self._apply(new)
+            except StartupError as e:
+                self.holder.current = old
+                raise ConfigError(str(e).splitlines()) from e
+            self.relay.reconfigured(self._resolver(new))
+            for problem in problems:
+                log.error("reload: {problem}", problem=problem)
+            log.info("reload: {path} applied", path=str(new.source_path))
+            return problems
+
+        def refused(failure: Any) -> list[str]:
+            failure.trap(ConfigError)
+            problems = failure.value.problems
+            for problem in problems:
+                log.error("reload refused, the old configuration stays: {problem}",
+                          problem=problem)
+            return problems
+
+        return d.addCallback(loaded).addErrback(refused)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.install_signals:
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    install_signals = False
+
+
+def build_service(config: Config, reactor: Any, install_signals: bool = True) -> RelayService:
+    relay = RelayService(config, reactor)
+    relay.install_signals = install_signals
+    return relay

@@ -166,6 +166,20 @@ class RelayCourier:
         self._per_destination: dict[str, DeferredSemaphore] = {}
         self._secrets: dict[Path, str] = {}
         self._trust: dict[Path, Any] = {}
+        self._active: set[SMTPClientProtocol] = set()
+
+    def reconfigured(self, resolver: Any) -> None:
+        """A reload: new DNS settings; credentials and CA files are read again."""
+        self.resolver = resolver
+        self._secrets.clear()
+        self._trust.clear()
+
+    def abort_all(self) -> None:
+        """Shutdown grace is over: drop every connection (the outcome is transient)."""
+        self.pool.close_all()
+        for proto in list(self._active):
+            if proto.transport is not None:
+                proto.transport.abortConnection()
 
     # -- limits -----------------------------------------------------------------
 
@@ -313,14 +327,15 @@ class RelayCourier:
                     log.info("delivery: {remote} unusable: {reply}", remote=remote,
                              reply=e.result.diagnostic)
                     return e.result
+            self._active.add(proto)
             try:
                 results = yield proto.send(message)
             except SessionFailure as e:
                 return [e.result] * count
+            finally:
+                self._active.discard(proto)
             self.pool.give(key, proto)
             return results
         finally:
             reader.close()
 
-    def stop(self) -> None:
-        self.pool.close_all()

@@ -78,12 +78,15 @@ class QueueManager(service.Service):
 
     def __init__(self, spool: Spool, config_source: Callable[[], Any],
                  couriers: Mapping[str, Courier], clock: Any,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, grace: float = 30.0,
+                 on_grace_over: Callable[[], None] | None = None) -> None:
         self.spool = spool
         self.config_source = config_source  # the current Config (reload swaps it)
         self.couriers = dict(couriers)
         self.clock = clock
         self.rng = rng or random.Random()
+        self.grace = grace
+        self.on_grace_over = on_grace_over  # aborts deliveries still running
         self.entries: dict[str, _Entry] = {}
         self._due: list[tuple[float, str]] = []
         self._timer: Any = None
@@ -107,8 +110,18 @@ class QueueManager(service.Service):
         self._stopping = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        # Let attempts in flight record their outcome before the spool closes.
-        return DeferredList(list(self._in_flight), consumeErrors=True)
+        # Let attempts in flight record their outcome before the spool closes;
+        # after the grace period, abort them (their outcome is then transient).
+        if not self._in_flight:
+            return succeed(None)
+        timer = self.clock.callLater(self.grace, self._grace_over)
+        d = DeferredList(list(self._in_flight), consumeErrors=True)
+        return d.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+
+    def _grace_over(self) -> None:
+        log.info("shutdown: aborting {n} deliveries still running", n=len(self._in_flight))
+        if self.on_grace_over is not None:
+            self.on_grace_over()
 
     def enqueued(self, envelope: Envelope) -> None:
         """A message was accepted: attempt it at once."""
@@ -420,7 +433,7 @@ def _unxtext(value: str) -> str:
     return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
 
 
-class UnknownMessage(KeyError):
+class UnknownMessage(KeyError):  # noqa: N818 - the name the control protocol uses
     """An operator named queue ids that are not in the queue."""
 
     def __init__(self, ids: list[str]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -51,6 +51,7 @@ MAX_AUTH_FAILURES = 3
 AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, to slow down guessing
 
 _COMMAND, _DATA, _SASL, _CLOSED = "command", "data", "sasl", "closed"
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._reader: DataReader | None = None
         self._writer: Any = None
         self._timer: Any = None
+        self._draining = False  # shutting down: finish the transaction, then 421
 
     # -- connection -------------------------------------------------------
 
@@ -155,6 +157,18 @@ class SMTPServerProtocol(protocol.Protocol):
             log.info("disconnect client={client} tls={tls} auth={auth}",
                      client=str(self.session.client_ip), tls=self.session.tls_info,
                      auth=self.session.auth_user)
+
+    def shutdown(self) -> None:
+        """Stop taking new work: an idle session ends now, a transaction may finish."""
+        self._draining = True
+        if self._mode == _COMMAND and self.transaction is None and not self._busy:
+            self._reply(SHUTTING_DOWN)
+
+    def force_close(self) -> None:
+        """The grace period is over: nothing unacknowledged is kept."""
+        if self._mode != _CLOSED:
+            self._send(SHUTTING_DOWN)
+            self._close()
 
     def _close(self) -> None:
         self._mode = _CLOSED
@@ -234,6 +248,9 @@ class SMTPServerProtocol(protocol.Protocol):
             self._buffer = self._buffer[-1:]
 
     def _line(self, line: bytes) -> None:
+        if self._draining and self.transaction is None and self._mode == _COMMAND:
+            self._reply(SHUTTING_DOWN)
+            return
         if b"\r" in line or b"\n" in line:
             self._reply(BARE_NEWLINE_COMMAND)
             return
@@ -656,6 +673,30 @@ class SMTPServerFactory(protocol.Factory):
         self.clock = clock
         self.on_queued = on_queued
         self.counter = counter or ConnectionCounter(max_connections, max_connections_per_client)
+        self.sessions: set[SMTPServerProtocol] = set()
+        self._drained: Deferred | None = None
+
+    def session_ended(self, proto: SMTPServerProtocol) -> None:
+        self.sessions.discard(proto)
+        if not self.sessions and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def drain(self, grace: float) -> Deferred:
+        """Let sessions finish their transactions for up to ``grace`` seconds."""
+        for proto in list(self.sessions):
+            proto.shutdown()
+        if not self.sessions:
+            return succeed(None)
+        self._drained = Deferred()
+        timer = self.clock.callLater(grace, self._grace_over)
+        return self._drained.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+
+    def _grace_over(self) -> None:
+        log.info("shutdown: closing {n} sessions still open after the grace period",
+                 n=len(self.sessions))
+        for proto in list(self.sessions):
+            proto.force_close()
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         host = getattr(addr, "host", "")
@@ -697,8 +738,15 @@ class ConnectionCounter:
 class _CountedProtocol(SMTPServerProtocol):
     counted_host: str | None = None
 
+    def connectionMade(self) -> None:
+        self.factory.sessions.add(self)
+        super().connectionMade()
+        if self.factory._drained is not None:  # accepted just as the shutdown began
+            self.shutdown()
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.counted_host is not None:
             self.factory.counter.release(self.counted_host)
             self.counted_host = None
         super().connectionLost(reason)
+        self.factory.session_ended(self)

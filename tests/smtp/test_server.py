@@ -561,3 +561,39 @@ def test_aliases_are_expanded_into_the_envelope_with_orcpt(harness):
         ("noc+x@corp.example", {"ORCPT": "rfc822;postmaster@relay.example"}),
         ("bob@relay.example", {"ORCPT": "rfc822;bob@old.example"}),
     ]
+
+
+# -- shutdown -------------------------------------------------------------------
+
+def test_shutdown_closes_idle_sessions_and_lets_a_transaction_finish(harness):
+    factory = harness.factory()
+    idle = harness.session(factory)
+    busy = harness.session(factory)
+    busy.ehlo()
+    busy.send("MAIL FROM:<a@c.example>\r\nRCPT TO:<b@relay.example>\r\n")
+    drained = []
+    factory.drain(30).addCallback(drained.append)
+    assert idle.take() == ["421 4.3.2 Service shutting down, try again later"]
+    assert idle.closed
+    idle.proto.connectionLost(None)
+    assert busy.send("DATA\r\n" + MESSAGE)[-1].startswith("250 2.0.0 Ok: queued as ")
+    assert busy.send("MAIL FROM:<a@c.example>\r\n") == [
+        "421 4.3.2 Service shutting down, try again later"]
+    busy.proto.connectionLost(None)
+    assert drained == [None]
+
+
+def test_sessions_still_open_after_the_grace_period_are_closed(harness):
+    factory = harness.factory()
+    s = harness.session(factory)
+    s.ehlo()
+    s.send("MAIL FROM:<a@c.example>\r\nRCPT TO:<b@relay.example>\r\nDATA\r\nSubject: x\r\n")
+    drained = []
+    factory.drain(30).addCallback(drained.append)
+    harness.clock.advance(29)
+    assert s.take() == [] and not s.closed
+    harness.clock.advance(1)
+    assert s.take() == ["421 4.3.2 Service shutting down, try again later"]
+    s.proto.connectionLost(None)
+    assert drained == [None]
+    assert harness.queue_files() == [] and list(harness.spool.tmp_dir.iterdir()) == []
