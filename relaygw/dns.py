@@ -307,3 +307,51 @@ def _reason(e: BaseException, timeout: float) -> str:
         return e.strerror or type(e).__name__
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     return text[:120]
+
+
+# -- blocking lookups, for command-line tools ----------------------------------------------------
+
+
+class _CallingThread:
+    """Reactor and thread pool in one, for :func:`blocking_resolver`: both run work at once,
+    in the calling thread, so a lookup's Deferred has fired by the time it is returned."""
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any,
+                                 **kwargs: Any) -> None:
+        from twisted.python.failure import Failure  # here: this section only adds to the module
+
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+def blocking_resolver(nameservers: Sequence[Any] = (), timeout: float = 5.0,
+                      rng: random.Random | None = None) -> Resolver:
+    """A :class:`Resolver` whose lookups block the calling thread, for command-line tools.
+
+    Same answers and the same :class:`DNSFailure` classification as the daemon's resolver
+    (it is one); only the threading differs. The A and AAAA queries of ``host_addresses``
+    run one after the other, each bounded by ``timeout``. Never use it in the daemon: it
+    would block the reactor. Read answers with :func:`blocking_result`.
+    """
+    here = _CallingThread()
+    return Resolver(here, here, nameservers, timeout, rng)
+
+
+def blocking_result(d: Deferred[Any]) -> Any:
+    """The result of a :func:`blocking_resolver` lookup; its failure (a DNSFailure) raised."""
+    from twisted.python.failure import Failure
+
+    out: list[Any] = []
+    d.addBoth(out.append)
+    if not out:
+        raise RuntimeError("the Deferred has not fired: not from a blocking_resolver")
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]

@@ -735,6 +735,7 @@ def connect(reactor: Any, host_ip: str, port: int, policy: ClientPolicy,
     if policy.tls == "implicit":
         endpoint = wrapClientTLS(client_tls_options(policy), endpoint)
     factory = Factory.forProtocol(partial(SMTPClientProtocol, policy, reactor, remote))
+    factory.noisy = False
 
     def connected(proto: SMTPClientProtocol) -> Deferred[SMTPClientProtocol]:
         return proto.ready.addCallback(lambda _: proto)
