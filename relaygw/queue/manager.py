@@ -123,17 +123,11 @@ class QueueManager(service.Service):
         if self.on_grace_over is not None:
             self.on_grace_over()
 
-    def enqueued(self, envelope: Envelope) -> None:
-        """A message was accepted: attempt it at once."""
-        d = self.spool.load(envelope.queue_id)
-
-        def loaded(stored: StoredMessage) -> None:
-            entry = _Entry(stored, stored.state)
-            self.entries[entry.queue_id] = entry
-            self._attempt(entry)
-
-        d.addCallbacks(loaded, lambda f: log.failure("queue: cannot load {queue_id}", f,
-                                                      queue_id=envelope.queue_id))
+    def enqueued(self, stored: StoredMessage) -> None:
+        """A message was accepted (it is durable): attempt it at once."""
+        entry = _Entry(stored, stored.state)
+        self.entries[entry.queue_id] = entry
+        self._attempt(entry)
 
     # -- scheduling -----------------------------------------------------------
 
@@ -235,6 +229,8 @@ class QueueManager(service.Service):
             state = state.with_recipient(index, new)
             self._log_attempt(entry, decision, result, new, now, started)
         entry.state = state
+        if state.is_complete:
+            return succeed(None)  # nothing left to remember: it is removed next
         return self._persist(entry)
 
     def _next_state(self, old: RecipientState, result: DeliveryResult, envelope: Envelope,
@@ -408,9 +404,10 @@ class QueueManager(service.Service):
                               helo=hostname, params={"BODY": "8BITMIME"})
             writer = self.spool.new_message(bounce)
             writer.write(dsn)
-            return writer.commit().addCallback(lambda _: bounce)
+            return writer.commit().addCallback(lambda _: writer.stored)
 
-        def queued(bounce: Envelope) -> Deferred:
+        def queued(stored: StoredMessage) -> Deferred:
+            bounce = stored.envelope
             maillog.info("bounced id={queue_id} dsn={dsn_id} to=<{sender}> rcpts={rcpts}",
                          queue_id=envelope.queue_id, dsn_id=bounce.queue_id,
                          sender=envelope.sender, rcpts=",".join(f.address for f in failed),
@@ -419,7 +416,7 @@ class QueueManager(service.Service):
             for i in indexes:
                 state = state.with_recipient(i, replace(state.recipients[i], notified=True))
             entry.state = state
-            self.enqueued(bounce)
+            self.enqueued(stored)
             return self._persist(entry)
 
         d = self.spool.run(extract_headers, self.spool.content_path(entry.queue_id),

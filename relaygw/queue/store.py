@@ -268,6 +268,9 @@ class MessageWriter:
         header = envelope.to_json()
         self._buffer = [MAGIC, b"%d\n" % len(header), header, b"\n"]
         self._buffered = sum(map(len, self._buffer))
+        self._envelope = envelope
+        self._content_offset = self._buffered
+        self._written = 0  # message bytes, after the header
         self._backlog = 0
         self._fd: int | None = None
         self._chain: Deferred = succeed(None)
@@ -279,6 +282,7 @@ class MessageWriter:
             return None
         self._buffer.append(data)
         self._buffered += len(data)
+        self._written += len(data)
         if self._buffered >= FLUSH_AT:
             self._flush(self._write_sync)
             if self._backlog > MAX_BACKLOG:
@@ -346,6 +350,12 @@ class MessageWriter:
         d.addCallback(lambda _: self.queue_id)
         d.addErrback(lambda f: Failure(_as_spool_error(f.value)))
         return d
+
+    @property
+    def stored(self) -> StoredMessage:
+        """The committed message as the queue manager takes it (no re-read)."""
+        return StoredMessage(self._envelope, QueueState.initial(self._envelope),
+                             self._content_offset, self._written)
 
     def abort(self) -> Deferred:
         """Discard the message (refused, or the client went away)."""

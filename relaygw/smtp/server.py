@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from relaygw.address import MailArgs, RcptArgs, parse_helo, parse_mail_from, parse_rcpt_to
 from relaygw.queue.envelope import Envelope, EnvelopeRecipient
-from relaygw.queue.store import SpoolError, new_queue_id
+from relaygw.queue.store import SpoolError, StoredMessage, new_queue_id
 from relaygw.smtp import auth as sasl
 from relaygw.smtp.dataio import DataReader
 from relaygw.smtp.replies import (
@@ -104,7 +104,7 @@ class InboundPolicy(TypingProtocol):
 class SMTPServerProtocol(protocol.Protocol):
     def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
                  authenticator: Any, clock: Any,
-                 on_queued: Callable[[Envelope], None] | None = None,
+                 on_queued: Callable[[StoredMessage], None] | None = None,
                  refusal: Reply | None = None) -> None:
         self.settings = settings
         self.policy = policy
@@ -621,7 +621,7 @@ class SMTPServerProtocol(protocol.Protocol):
                      nrcpt=len(envelope.recipients), client=envelope.client_ip,
                      tls=envelope.tls, auth=envelope.auth_user)
             if self.on_queued is not None:
-                self.on_queued(envelope)
+                self.on_queued(writer.stored)
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
         def failed(f: Failure) -> Reply:
@@ -665,7 +665,7 @@ class SMTPServerFactory(protocol.Factory):
     def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
                  authenticator: Any, clock: Any, *, max_connections: int,
                  max_connections_per_client: int, counter: ConnectionCounter | None = None,
-                 on_queued: Callable[[Envelope], None] | None = None) -> None:
+                 on_queued: Callable[[StoredMessage], None] | None = None) -> None:
         self.settings = settings
         self.policy = policy
         self.spool = spool

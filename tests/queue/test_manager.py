@@ -72,7 +72,7 @@ class World:
         writer = self.spool.new_message(env)
         writer.write(BODY)
         writer.commit()
-        self.manager.enqueued(env)
+        self.manager.enqueued(writer.stored)
         return env.queue_id
 
     def queued(self):

@@ -87,7 +87,9 @@ def test_message_is_queued_with_received_header_and_unstuffed_body(harness):
     assert stored.envelope.sender == "alice@client.example"
     assert [r.address for r in stored.envelope.recipients] == ["bob@relay.example"]
     assert stored.envelope.helo == "client.example"
-    assert [e.queue_id for e in harness.queued] == [queue_id]
+    assert [m.envelope.queue_id for m in harness.queued] == [queue_id]
+    assert harness.queued[0].content_offset == stored.content_offset
+    assert harness.queued[0].size == stored.size
 
 
 def test_pipelined_commands_are_answered_in_order(harness):
