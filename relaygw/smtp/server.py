@@ -132,6 +132,7 @@ class SMTPServerProtocol(protocol.Protocol):
     # -- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
+        _no_delay(self.transport)
         peer = self.transport.getPeer()
         ip = ipaddress.ip_address(getattr(peer, "host", "0.0.0.0"))
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
@@ -636,6 +637,16 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+
+
+def _no_delay(transport: Any) -> None:
+    # Replies are small writes; Nagle with delayed ACKs would stall pipelined clients.
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
 
 
 def received_header(hostname: str, session: Session, envelope: Envelope) -> bytes:
