@@ -7,6 +7,7 @@ import getpass
 import sys
 from pathlib import Path
 
+from relaygw.cli_explain import add_commands as add_route_commands
 from relaygw.config import ConfigError
 
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("--file", required=True, help="the users file ([auth] users_file)")
     passwd.add_argument("name", help="user name")
     passwd.set_defaults(func=_passwd)
+    add_route_commands(sub)
     return parser
 
 
