@@ -185,6 +185,45 @@ def test_smtp_sink_faults_are_deferred_and_kept(daemon, tmp_path, fault, reply):
         sink.wait(timeout=10)
 
 
+@needs_sink
+def test_smtp_sink_5xx_at_rcpt_bounces_once(daemon):
+    port = free_port()
+    sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-f", "rcpt", f"127.0.0.1:{port}", "10"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: _listening(port))
+        daemon.start(smarthost("up", port) + maildir_route(daemon)
+                     + '[[routes]]\naction = "smarthost"\nsmarthost = "up"\n')
+        queue_id = send(daemon)
+        (dsn,) = wait_until(lambda: mailbox(daemon, "local.example", "a"))
+        assert b"Diagnostic-Code: smtp; 500 5.3.0 Error: command failed" in dsn.read_bytes()
+        assert wait_until(lambda: daemon.queued() == [])
+        assert f"attempt id={queue_id} to=<b@remote.example>" in daemon.logs()
+    finally:
+        sink.terminate()
+        sink.wait(timeout=10)
+
+
+@needs_sink
+def test_smtp_sink_too_slow_to_answer_data_times_out_and_is_deferred(daemon):
+    port = free_port()
+    # smtp-sink waits 5 s before answering DATA; relaygw allows 1 s for the 354.
+    sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-w", "5", f"127.0.0.1:{port}", "10"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: _listening(port))
+        daemon.start(smarthost("up", port) + "[delivery.timeouts]\ndata_init = 1.0\n"
+                     + '[[routes]]\naction = "smarthost"\nsmarthost = "up"\n')
+        queue_id = send(daemon)
+        line = wait_until(lambda: next((ln for ln in daemon.logs().splitlines()
+                                        if f"attempt id={queue_id}" in ln), None))
+        assert "status=deferred" in line and "4.4.2" in line and "timeout" in line, line
+        assert daemon.queued() == [queue_id]
+    finally:
+        sink.terminate()
+        sink.wait(timeout=10)
+
+
 def _listening(port: int) -> bool:
     import socket
 
