@@ -207,12 +207,12 @@ def test_smtp_sink_5xx_at_rcpt_bounces_once(daemon):
 @needs_sink
 def test_smtp_sink_too_slow_to_answer_data_times_out_and_is_deferred(daemon):
     port = free_port()
-    # smtp-sink waits 5 s before answering DATA; relaygw allows 1 s for the 354.
+    # smtp-sink holds its pipelined replies 5 s at DATA; relaygw waits 1 s for each.
     sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-w", "5", f"127.0.0.1:{port}", "10"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until(lambda: _listening(port))
-        daemon.start(smarthost("up", port) + "[delivery.timeouts]\ndata_init = 1.0\n"
+        daemon.start(smarthost("up", port) + "[delivery.timeouts]\nmail = 1.0\nrcpt = 1.0\ndata_init = 1.0\n"
                      + '[[routes]]\naction = "smarthost"\nsmarthost = "up"\n')
         queue_id = send(daemon)
         line = wait_until(lambda: next((ln for ln in daemon.logs().splitlines()
