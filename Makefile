@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEB_PACKAGES := postfix swaks
+DEB_PACKAGES := postfix swaks testssl.sh nmap sasl2-bin libsasl2-modules
 
 .PHONY: run test lint venv system-deps bench clean
 
@@ -20,6 +20,9 @@ system-deps:
 	@missing=""; \
 	command -v smtp-sink >/dev/null 2>&1 || missing="$$missing postfix"; \
 	command -v swaks >/dev/null 2>&1 || missing="$$missing swaks"; \
+	command -v testssl >/dev/null 2>&1 || missing="$$missing testssl.sh"; \
+	command -v nmap >/dev/null 2>&1 || missing="$$missing nmap"; \
+	command -v saslpasswd2 >/dev/null 2>&1 || missing="$$missing sasl2-bin"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
