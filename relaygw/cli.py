@@ -26,6 +26,8 @@ def _run(args: argparse.Namespace) -> int:
     argv = ["--nodaemon", "--pidfile=", "relaygw"]
     if args.config:
         argv += ["--config", args.config]
+    if args.log_format:
+        argv += ["--log-format", args.log_format]
     config = Options()
     try:
         config.parseOptions(argv)
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run in the foreground (twistd -n relaygw)")
     run.add_argument("-c", "--config", help="TOML configuration file (default: built-in)")
+    run.add_argument("--log-format", choices=["text", "json"],
+                     help="log lines as text or JSON (default: [log] format)")
     run.set_defaults(func=_run)
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("-c", "--config", help="TOML configuration file (default: built-in)")

@@ -33,6 +33,7 @@ ROUTE_ACTIONS = ("maildir", "smarthost", "mx", "reject")
 MATCH_KEYS = ("recipient_domains", "recipients", "senders", "client_networks", "authenticated")
 MAILDIR_PLACEHOLDERS = ("domain", "localpart")
 DEFAULT_REJECT = (550, "5.1.1", "Mailbox unavailable")
+LOG_FORMATS = ("text", "json")
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _LABEL = re.compile(r"[a-z0-9-]{1,63}")
@@ -187,6 +188,20 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus /metrics and /healthz endpoint; address None: not served."""
+
+    address: str | None = None  # as written in the file
+    host: str | None = None  # an IP literal; IPv6 without brackets
+    port: int | None = None  # 0 = ephemeral
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # text | json (JSON lines)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     tls: TLSConfig
@@ -201,6 +216,8 @@ class Config:
     base_dir: Path
     source_path: Path | None = None
     warnings: tuple[str, ...] = ()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
 
     def smarthost(self, name: str) -> SmarthostConfig:
         for smarthost in self.smarthosts:
@@ -242,7 +259,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
                  source_path: Path | None = None) -> Config:
     r = _Reader(Path(base_dir))
     r.keys(data, "", ("server", "tls", "listeners", "access", "auth", "smarthosts", "aliases",
-                      "dns", "delivery", "routes"))
+                      "dns", "delivery", "routes", "metrics", "log"))
     server = _server(r, r.table(data, "server", ""))
     tls = _tls(r, r.table(data, "tls", ""))
     access = _access(r, r.table(data, "access", ""))
@@ -259,10 +276,14 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
                     r.seconds(dns_table, "timeout", "dns", 5.0))
     delivery = _delivery(r, r.table(data, "delivery", ""))
     routes = _routes(r, data, {s.name for s in smarthosts})
+    metrics = _metrics(r, r.table(data, "metrics", ""), listeners)
+    log_table = r.table(data, "log", "")
+    r.keys(log_table, "log", ("format",))
+    log = LogConfig(r.choice(log_table, "format", "log", LOG_FORMATS, "text"))
     if r.problems:
         raise ConfigError(r.problems)
     return Config(server, tls, listeners, access, auth, smarthosts, aliases, dns, delivery, routes,
-                  Path(base_dir), source_path, tuple(r.warnings))
+                  Path(base_dir), source_path, tuple(r.warnings), metrics=metrics, log=log)
 
 
 class _Reader:
@@ -465,6 +486,20 @@ def _listeners(r: _Reader, data: dict[str, Any], auth: AuthConfig) -> tuple[List
         out.append(ListenerConfig(t["address"], hostport.host, hostport.port, tls,
                                   bool(require_tls), auth_mode))
     return tuple(out)
+
+
+def _metrics(r: _Reader, t: dict[str, Any],
+             listeners: tuple[ListenerConfig, ...]) -> MetricsConfig:
+    r.keys(t, "metrics", ("address",))
+    hostport = r.string(t, "address", "metrics", None,
+                        partial(_hostport, default_port=None, ip_only=True, min_port=0))
+    if hostport is None:
+        return MetricsConfig()
+    for listener in listeners:  # port 0 asks for a fresh port each time
+        if hostport.port and (listener.host, listener.port) == (hostport.host, hostport.port):
+            r.error("metrics.address", f"same address as the listener {_toml(listener.address)}")
+            break
+    return MetricsConfig(t["address"], hostport.host, hostport.port)
 
 
 def _access(r: _Reader, t: dict[str, Any]) -> AccessConfig:

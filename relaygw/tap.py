@@ -22,6 +22,14 @@ from relaygw.delivery.relay import RelayCourier
 from relaygw.dns import Resolver
 from relaygw.inbound import ConfiguredPolicy
 from relaygw.listener import ListenError, ListenerService
+from relaygw.logging import configure_twistd
+from relaygw.metrics import (
+    HealthCheck,
+    Metrics,
+    MetricsService,
+    metrics_resource,
+    smarthost_circuits,
+)
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.service import SpoolService
 from relaygw.queue.store import Spool
@@ -50,6 +58,7 @@ class Options(usage.Options):
     optParameters = [  # noqa: N815 - Twisted's name
         ["config", "c", None,
          "TOML configuration file (default: built-in, data in ./relaygw-data)"],
+        ["log-format", None, None, "text or json (default: [log] format, else text)"],
     ]
 
     def postOptions(self) -> None:
@@ -57,6 +66,8 @@ class Options(usage.Options):
             self.config = load(self["config"])
         except ConfigError as e:
             _refuse_to_start(e.problems)
+        configure_twistd(self.parent if self.parent is not None else {},
+                         self["log-format"] or self.config.log.format)
 
 
 def _refuse_to_start(problems: list[str]) -> None:
@@ -199,10 +210,20 @@ class RelayService(_SequentialService):
             "smarthost": self.relay,
             "mx": self.relay,
         }
+        self.metrics = Metrics(queue_size=lambda: len(self.manager.entries),
+                               oldest_age=self._oldest_age,
+                               circuit_states=smarthost_circuits(self.holder, self.relay.health))
         self.manager = QueueManager(self.spool, self.holder, couriers, reactor,
-                                    grace=SHUTDOWN_GRACE, on_grace_over=self.relay.abort_all)
+                                    grace=SHUTDOWN_GRACE, on_grace_over=self.relay.abort_all,
+                                    metrics=self.metrics)
         self.manager.setServiceParent(self)
         _QueueStarter(spool_service, self.manager).setServiceParent(self)
+        if config.metrics.address is not None:
+            # Added before the listeners, so it stops after them: /healthz says 503 meanwhile.
+            health = HealthCheck(reactor, spool_pool, config.server.spool_dir,
+                                 self._listeners_down)
+            MetricsService(reactor, config.metrics.host, config.metrics.port,
+                           metrics_resource(self.metrics, health)).setServiceParent(self)
 
         self.policy = ConfiguredPolicy(self.holder, self.spool)
         self.counter = ConnectionCounter(config.server.max_connections,
@@ -211,6 +232,15 @@ class RelayService(_SequentialService):
         self.listeners.setServiceParent(self)
         self.by_listener: dict[ListenerConfig, ListenerService] = {}
         self._apply(config)
+
+    def _oldest_age(self) -> float:
+        arrived = [e.stored.envelope.arrived for e in self.manager.entries.values()]
+        return max(0.0, self.reactor.seconds() - min(arrived)) if arrived else 0.0
+
+    def _listeners_down(self) -> list[str]:
+        if not self.by_listener:
+            return ["no listener"]
+        return [svc.address for svc in self.by_listener.values() if svc.port is None]
 
     def _resolver(self, config: Config) -> Resolver:
         return Resolver(self.reactor, self.dns_pool, config.dns.nameservers, config.dns.timeout)
@@ -238,7 +268,8 @@ class RelayService(_SequentialService):
                 settings, self.policy, self.spool, authenticator, self.reactor,
                 max_connections=config.server.max_connections,
                 max_connections_per_client=config.server.max_connections_per_client,
-                counter=self.counter, on_queued=self.manager.enqueued)
+                counter=self.counter, on_queued=self.manager.enqueued,
+                metrics=self.metrics, listener=listener.address)
             outer: Any = factory
             if listener.tls == "implicit":
                 outer = TLSMemoryBIOFactory(tls_options, False, factory)
@@ -271,6 +302,8 @@ class RelayService(_SequentialService):
         def loaded(new: Config) -> list[str]:
             if new.server.spool_dir != old.server.spool_dir:
                 raise ConfigError(["server.spool_dir: cannot change while running; restart"])
+            if (new.metrics, new.log) != (old.metrics, old.log):
+                log.warn("reload: [metrics] and [log] changes take effect at the next restart")
             self.holder.current = new
             try:
                 problems = self._apply(new)

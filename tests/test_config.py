@@ -19,6 +19,8 @@ from relaygw.config import (
     DeliveryTimeouts,
     HostPort,
     ListenerConfig,
+    LogConfig,
+    MetricsConfig,
     default_config,
     load_config,
     parse_config,
@@ -889,6 +891,61 @@ reply = "550 5.7.1 Go away"
         'action = "reject"\n'
         'reply = "550 5.7.1 Go away"')
     assert tomllib.loads(route.source)["routes"][0]["senders"] == ['a"b@example.org']
+
+
+# -- metrics and log -------------------------------------------------------------------------
+
+def test_metrics_and_log_defaults(example: Config) -> None:
+    for config in (example, parse(LISTENER), default_config(Path("/srv/relaygw-data"))):
+        assert config.metrics == MetricsConfig(None, None, None)
+        assert config.log == LogConfig("text")
+
+
+def test_metrics_address() -> None:
+    config = parse(LISTENER + '[metrics]\naddress = "127.0.0.1:9325"\n[log]\nformat = "json"\n')
+    assert config.metrics == MetricsConfig("127.0.0.1:9325", "127.0.0.1", 9325)
+    assert config.log == LogConfig("json")
+    assert parse(LISTENER + '[metrics]\naddress = "[::1]:0"\n').metrics == (
+        MetricsConfig("[::1]:0", "::1", 0))
+    assert parse(LISTENER + "[metrics]\n").metrics == MetricsConfig()
+    assert parse(LISTENER + '[log]\nformat = "text"\n').log == LogConfig()
+
+
+def test_metrics_and_log_errors() -> None:
+    assert problems(LISTENER + """
+[metrics]
+address = "localhost:9325"
+port = 9325
+[log]
+format = "xml"
+level = "debug"
+""") == [
+        "metrics.port: unknown key",
+        'metrics.address: host must be an IP address (got "localhost")',
+        "log.level: unknown key",
+        'log.format: must be one of text, json (got "xml")',
+    ]
+    for address, message in (
+            ('"127.0.0.1"', 'must be "host:port" or "[v6]:port" (got "127.0.0.1")'),
+            ('"::1:9325"', 'IPv6 addresses need brackets: must be "host:port" or "[v6]:port" '
+                           '(got "::1:9325")'),
+            ('"127.0.0.1:65536"', 'port must be between 0 and 65535 (got "65536")'),
+            ('""', 'host must be an IP address (got "")'),
+            ("9325", "must be a string (got 9325)"),
+            ('"127.0.0.1:2525"', 'same address as the listener "127.0.0.1:2525"')):
+        assert problems(LISTENER + f"[metrics]\naddress = {address}\n") == [
+            f"metrics.address: {message}"]
+    assert problems('metrics = "127.0.0.1:9325"\nlog = "json"\n' + LISTENER) == [
+        'metrics: must be a table (got "127.0.0.1:9325")',
+        'log: must be a table (got "json")',
+    ]
+    assert problems(LISTENER + "[log]\nformat = true\n") == [
+        "log.format: must be a string (got true)"]
+
+
+def test_metrics_port_zero_may_repeat_a_listener_port_zero() -> None:
+    config = parse('[[listeners]]\naddress = "127.0.0.1:0"\n[metrics]\naddress = "127.0.0.1:0"\n')
+    assert config.metrics.port == 0
 
 
 # -- warnings --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from relaygw.bounce import FailedRecipient, build_dsn, extract_headers, should_bounce
 from relaygw.delivery.result import DELIVERED, PERMANENT, DeliveryResult, transient
+from relaygw.metrics import NO_METRICS
 from relaygw.queue.envelope import (
     DELIVERED as STATE_DELIVERED,
 )
@@ -79,13 +80,15 @@ class QueueManager(service.Service):
     def __init__(self, spool: Spool, config_source: Callable[[], Any],
                  couriers: Mapping[str, Courier], clock: Any,
                  rng: random.Random | None = None, grace: float = 30.0,
-                 on_grace_over: Callable[[], None] | None = None) -> None:
+                 on_grace_over: Callable[[], None] | None = None,
+                 metrics: Any = NO_METRICS) -> None:
         self.spool = spool
         self.config_source = config_source  # the current Config (reload swaps it)
         self.couriers = dict(couriers)
         self.clock = clock
         self.rng = rng or random.Random()
         self.grace = grace
+        self.metrics = metrics
         self.on_grace_over = on_grace_over  # aborts deliveries still running
         self.entries: dict[str, _Entry] = {}
         self._due: list[tuple[float, str]] = []
@@ -256,13 +259,18 @@ class QueueManager(service.Service):
         status = {STATE_DELIVERED: "sent", FAILED: "bounced"}.get(new.status, "deferred")
         if new.status == FAILED and new.enhanced == "4.4.7":
             status = "expired"
+        self.metrics.delivery(decision.route_label, status, new.enhanced or result.enhanced,
+                              now - entry.stored.envelope.arrived)
+        if result.remote is not None:  # an SMTP peer answered
+            self.metrics.tls_outbound(result.tls)
         maillog.info(
             "attempt id={queue_id} to=<{rcpt}> route={route} relay={relay} tls={tls} "
             "delay={delay:.2f} duration={duration:.2f} status={status} reply={reply}",
             queue_id=entry.queue_id, rcpt=new.address, route=decision.route_label,
             relay=result.remote or decision.nexthop or "none", tls=result.tls or "none",
             delay=now - entry.stored.envelope.arrived, duration=time.monotonic() - started,
-            status=status, reply=result.diagnostic, event="attempt")
+            status=status, reply=result.diagnostic,
+            event="expired" if status == "expired" else "attempt")
 
     def _persist(self, entry: _Entry) -> Deferred:
         """Save the entry's current state; saves of one message never overtake."""

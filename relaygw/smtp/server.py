@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaygw.address import MailArgs, RcptArgs, parse_helo, parse_mail_from, parse_rcpt_to
+from relaygw.metrics import NO_METRICS
 from relaygw.queue.envelope import Envelope, EnvelopeRecipient
 from relaygw.queue.store import SpoolError, StoredMessage, new_queue_id
 from relaygw.smtp import auth as sasl
@@ -102,6 +103,7 @@ class InboundPolicy(TypingProtocol):
 
 
 class SMTPServerProtocol(protocol.Protocol):
+    metrics: Any = NO_METRICS
     def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
                  authenticator: Any, clock: Any,
                  on_queued: Callable[[StoredMessage], None] | None = None,
@@ -141,12 +143,12 @@ class SMTPServerProtocol(protocol.Protocol):
                                tls=self.settings.tls_mode == "implicit")
         if self.refusal is not None:
             log.info("connection refused client={client} reply={reply}",
-                     client=str(ip), reply=str(self.refusal))
+                     client=str(ip), reply=str(self.refusal), event="refused")
             self._send(self.refusal)
             self._close()
             return
         log.info("connect client={client} port={port} tls={tls}", client=str(ip),
-                 port=self.session.client_port, tls=self.session.tls)
+                 port=self.session.client_port, tls=self.session.tls, event="connect")
         self._send(Reply(220, None, f"{self.settings.hostname} ESMTP relaygw"))
         self._reset_timer()
 
@@ -156,8 +158,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self._abort_message()
         if self.session is not None and self.refusal is None:
             log.info("disconnect client={client} tls={tls} auth={auth}",
-                     client=str(self.session.client_ip), tls=self.session.tls_info,
-                     auth=self.session.auth_user)
+                     client=str(self.session.client_ip), tls=self._tls_info(),
+                     auth=self.session.auth_user, event="disconnect")
 
     def shutdown(self) -> None:
         """Stop taking new work: an idle session ends now, a transaction may finish."""
@@ -192,7 +194,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._timer = None
         if self._mode == _CLOSED:
             return
-        log.info("timeout client={client}", client=str(self.session.client_ip))
+        log.info("timeout client={client}", client=str(self.session.client_ip), event="timeout")
         self._send(TIMEOUT)
         self._close()
 
@@ -372,9 +374,10 @@ class SMTPServerProtocol(protocol.Protocol):
         if self.transaction is not None:
             return Reply(503, "5.5.1", "Sender already specified")
         if self.settings.require_tls and not self.session.tls:
-            return Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+            return self._rejected("mail", Reply(530, "5.7.0",
+                                                "Must issue a STARTTLS command first"))
         if self.settings.auth_mode == "required" and self.session.auth_user is None:
-            return Reply(530, "5.7.0", "Authentication required")
+            return self._rejected("mail", Reply(530, "5.7.0", "Authentication required"))
         mail = parse_mail_from(arg, smtputf8_offered=self.session.esmtp)
         if isinstance(mail, Reply):
             return mail
@@ -382,11 +385,12 @@ class SMTPServerProtocol(protocol.Protocol):
             return Reply(555, "5.5.4", "Parameters need EHLO")
         size = mail.params.get("SIZE")
         if size is not None and int(size) > self.settings.max_message_size:
-            return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            return self._rejected("mail", Reply(
+                552, "5.3.4", "Message size exceeds fixed maximum message size"))
 
         def decided(refusal: Reply | None) -> Reply:
             if refusal is not None:
-                return refusal
+                return self._rejected("mail", refusal)
             self.transaction = Transaction(mail)
             sender = str(mail.address) if mail.address else ""
             return Reply(250, "2.1.0", f"Sender <{sender}> OK")
@@ -397,7 +401,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if self.transaction is None:
             return Reply(503, "5.5.1", "Need MAIL command first")
         if len(self.transaction.recipients) >= self.settings.max_recipients:
-            return Reply(452, "4.5.3", "Too many recipients")
+            return self._rejected("rcpt", Reply(452, "4.5.3", "Too many recipients"))
         smtputf8 = "SMTPUTF8" in self.transaction.mail.params
         rcpt = parse_rcpt_to(arg, smtputf8=smtputf8, default_domain=self.settings.hostname)
         if isinstance(rcpt, Reply):
@@ -406,7 +410,7 @@ class SMTPServerProtocol(protocol.Protocol):
 
         def decided(refusal: Reply | None) -> Reply:
             if refusal is not None:
-                return refusal
+                return self._rejected("rcpt", refusal)
             if all(r.address != rcpt.address for r in transaction.recipients):
                 transaction.recipients.append(rcpt)
             return Reply(250, "2.1.5", f"Recipient <{rcpt.address}> OK")
@@ -539,11 +543,12 @@ class SMTPServerProtocol(protocol.Protocol):
         if ok:
             self.session.auth_user = username
             log.info("auth client={client} user={user}",
-                     client=str(self.session.client_ip), user=username)
+                     client=str(self.session.client_ip), user=username, event="auth")
             return Reply(235, "2.7.0", "Authentication successful")
         self._auth_failures += 1
         log.info("auth failed client={client} user={user} failures={n}",
-                 client=str(self.session.client_ip), user=username, n=self._auth_failures)
+                 client=str(self.session.client_ip), user=username, n=self._auth_failures,
+                 event="auth_failed")
         if self._auth_failures >= MAX_AUTH_FAILURES:
             return Reply(421, "4.7.0", "Too many authentication failures", close=True)
         delayed: Deferred = Deferred()
@@ -560,11 +565,23 @@ class SMTPServerProtocol(protocol.Protocol):
 
     # -- DATA ---------------------------------------------------------------
 
-    def _start_message(self) -> None:
-        session, transaction = self.session, self.transaction
-        if session.tls and session.tls_info is None:
+    def _tls_info(self) -> str | None:
+        session = self.session
+        if session.tls and session.tls_info is None and self.transport is not None:
             info = tls_session_info(self.transport)
             session.tls_info = " ".join(info) if info else None
+        return session.tls_info
+
+    def _rejected(self, stage: str, reply: Reply) -> Reply:
+        log.info("rejected client={client} stage={stage} reply={reply}",
+                 client=str(self.session.client_ip), stage=stage, reply=str(reply),
+                 event="rejected")
+        self.metrics.message_rejected(stage, reply.code, reply.enhanced)
+        return reply
+
+    def _start_message(self) -> None:
+        session, transaction = self.session, self.transaction
+        self._tls_info()
         queue_id = new_queue_id()
         mail = transaction.mail
         envelope = Envelope(
@@ -611,16 +628,16 @@ class SMTPServerProtocol(protocol.Protocol):
             problem = Reply(554, "5.4.6", "Too many hops (mail loop?)")
         if problem is not None:
             writer.abort()
-            log.info("rejected client={client} stage=data reply={reply}",
-                     client=envelope.client_ip, reply=str(problem))
-            return problem
+            return self._rejected("data", problem)
 
         def committed(queue_id: str) -> Reply:
             log.info("accepted id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} "
                      "client={client} tls={tls} auth={auth}",
                      queue_id=queue_id, sender=envelope.sender, size=reader.size,
                      nrcpt=len(envelope.recipients), client=envelope.client_ip,
-                     tls=envelope.tls, auth=envelope.auth_user)
+                     tls=envelope.tls, auth=envelope.auth_user, event="accepted")
+            self.metrics.message_accepted(reader.size)
+            self.metrics.tls_inbound(envelope.tls)
             if self.on_queued is not None:
                 self.on_queued(writer.stored)
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
@@ -628,8 +645,10 @@ class SMTPServerProtocol(protocol.Protocol):
         def failed(f: Failure) -> Reply:
             f.trap(SpoolError)
             log.error("spool write failed id={queue_id}: {error}",
-                      queue_id=envelope.queue_id, error=str(f.value))
-            return INSUFFICIENT_STORAGE if f.value.no_space else TEMP_LOCAL_ERROR
+                      queue_id=envelope.queue_id, error=str(f.value), event="spool_error")
+            reply = INSUFFICIENT_STORAGE if f.value.no_space else TEMP_LOCAL_ERROR
+            self.metrics.message_rejected("data", reply.code, reply.enhanced)
+            return reply
 
         return writer.commit().addCallbacks(committed, failed)
 
@@ -676,13 +695,16 @@ class SMTPServerFactory(protocol.Factory):
     def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
                  authenticator: Any, clock: Any, *, max_connections: int,
                  max_connections_per_client: int, counter: ConnectionCounter | None = None,
-                 on_queued: Callable[[StoredMessage], None] | None = None) -> None:
+                 on_queued: Callable[[StoredMessage], None] | None = None,
+                 metrics: Any = NO_METRICS, listener: str = "") -> None:
         self.settings = settings
         self.policy = policy
         self.spool = spool
         self.authenticator = authenticator
         self.clock = clock
         self.on_queued = on_queued
+        self.metrics = metrics
+        self.listener = listener
         self.counter = counter or ConnectionCounter(max_connections, max_connections_per_client)
         self.sessions: set[SMTPServerProtocol] = set()
         self._drained: Deferred | None = None
@@ -712,9 +734,14 @@ class SMTPServerFactory(protocol.Factory):
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         host = getattr(addr, "host", "")
         refusal = self.counter.acquire(host)
+        if refusal is not None:
+            self.metrics.connection_refused(
+                "max_connections" if self.counter.total >= self.counter.max_total
+                else "max_connections_per_client")
         proto = _CountedProtocol(self.settings, self.policy, self.spool, self.authenticator,
                                  self.clock, self.on_queued, refusal)
         proto.factory = self
+        proto.metrics = self.metrics
         proto.counted_host = None if refusal else host
         return proto
 
@@ -752,12 +779,16 @@ class _CountedProtocol(SMTPServerProtocol):
     def connectionMade(self) -> None:
         self.factory.sessions.add(self)
         super().connectionMade()
+        if self.counted_host is not None:
+            self.factory.metrics.connection_opened(self.factory.listener,
+                                                   self.settings.tls_mode == "implicit")
         if self.factory._drained is not None:  # accepted just as the shutdown began
             self.shutdown()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.counted_host is not None:
             self.factory.counter.release(self.counted_host)
+            self.factory.metrics.connection_closed(self.factory.listener)
             self.counted_host = None
         super().connectionLost(reason)
         self.factory.session_ended(self)

@@ -188,8 +188,8 @@ def test_smtp_sink_faults_are_deferred_and_kept(daemon, tmp_path, fault, reply):
 @needs_sink
 def test_smtp_sink_5xx_at_rcpt_bounces_once(daemon):
     port = free_port()
-    sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-f", "rcpt", f"127.0.0.1:{port}", "10"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-f", "rcpt", f"127.0.0.1:{port}",
+                             "10"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until(lambda: _listening(port))
         daemon.start(smarthost("up", port) + maildir_route(daemon)
@@ -212,7 +212,8 @@ def test_smtp_sink_too_slow_to_answer_data_times_out_and_is_deferred(daemon):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until(lambda: _listening(port))
-        daemon.start(smarthost("up", port) + "[delivery.timeouts]\nmail = 1.0\nrcpt = 1.0\ndata_init = 1.0\n"
+        daemon.start(smarthost("up", port)
+                     + "[delivery.timeouts]\nmail = 1.0\nrcpt = 1.0\ndata_init = 1.0\n"
                      + '[[routes]]\naction = "smarthost"\nsmarthost = "up"\n')
         queue_id = send(daemon)
         line = wait_until(lambda: next((ln for ln in daemon.logs().splitlines()
