@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from relaygw.delivery.result import DeliveryResult, delivered, transient
+from relaygw.fileio import fsync_dir, write_all
 
 __all__ = ["CHUNK_SIZE", "deliver_to_maildir", "unique_name"]
 
@@ -81,14 +82,14 @@ def deliver_to_maildir(maildir: Path, recipient: str, sender: str, message_path:
                      0o600)
         tmp_path = maildir / "tmp" / name  # ours only once created (O_EXCL)
         try:
-            _write_all(fd, prefix)
+            write_all(fd, prefix)
             _copy_content(fd, message_path, content_offset, crlf_to_lf=line_endings == "lf")
             os.fsync(fd)  # os.write is unbuffered: nothing to flush first
         finally:
             os.close(fd)
         _link_or_rename(tmp_path, maildir / "new" / name)
         new_path = maildir / "new" / name  # ours only now: a name clash must not remove another
-        _fsync_dir(maildir / "new")
+        fsync_dir(maildir / "new")
     except OSError as exc:
         _remove(tmp_path)
         _remove(new_path)  # not durable yet: the retry must not leave a second copy
@@ -145,7 +146,7 @@ def _make_dirs(path: Path) -> None:
                 raise
             continue
         os.chmod(directory, 0o700)  # whatever the umask; mkdir's mode is only an upper bound
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
 
 
 def _copy_content(fd: int, message_path: Path, offset: int, *, crlf_to_lf: bool) -> None:
@@ -161,17 +162,10 @@ def _copy_content(fd: int, message_path: Path, offset: int, *, crlf_to_lf: bool)
                 chunk = held + chunk
                 held = b"\r" if chunk.endswith(b"\r") else b""
                 chunk = chunk[: len(chunk) - len(held)].replace(b"\r\n", b"\n")
-            _write_all(fd, chunk)
-        _write_all(fd, held)
+            write_all(fd, chunk)
+        write_all(fd, held)
     finally:
         os.close(src)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _link_or_rename(source: Path, target: Path) -> None:
@@ -181,14 +175,6 @@ def _link_or_rename(source: Path, target: Path) -> None:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
             raise
         os.rename(source, target)  # file systems without hard links (e.g. vfat, some FUSE)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path | None) -> None:

@@ -31,6 +31,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relaygw.fileio import fsync_dir, write_all
 from relaygw.queue.envelope import Envelope, QueueState
 
 MAGIC = b"RELAYGW-SPOOL 1\n"
@@ -52,21 +53,6 @@ class SpoolError(Exception):
 def new_queue_id() -> str:
     # Time-ordered (sorts by arrival) and unique without coordination.
     return f"{time.time_ns() // 1_000_000:011X}{secrets.token_hex(3).upper()}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _as_spool_error(exc: BaseException) -> SpoolError:
@@ -114,7 +100,7 @@ class _GroupSync:
             if self._waiting and not self._running:
                 self._start()
 
-        self._run(_fsync_dir, self._path).addBoth(finished)
+        self._run(fsync_dir, self._path).addBoth(finished)
 
 
 class Spool:
@@ -216,7 +202,7 @@ class Spool:
             tmp = self.tmp_dir / f"{queue_id}{STATE_SUFFIX}.{secrets.token_hex(4)}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -319,11 +305,11 @@ class MessageWriter:
         return self._fd
 
     def _write_sync(self, data: bytes) -> None:
-        _write_all(self._open(), data)
+        write_all(self._open(), data)
 
     def _commit_sync(self, data: bytes) -> None:
         fd = self._open()
-        _write_all(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
         os.close(fd)
         self._fd = None

@@ -11,7 +11,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from relaygw.fileio import write_atomically
 from relaygw.smtp.replies import BAD_SEQUENCE, Reply
 
 __all__ = [
@@ -226,32 +226,7 @@ def set_password(path: Path, name: str, password: str) -> None:
         lines.append(new_line)
     else:
         lines[replace_at - 1] = new_line
-    _write_atomically(path, b"".join(line + b"\n" for line in lines), mode=0o600)
-
-
-def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
-    # Temp file beside the target (same filesystem, so os.replace is atomic), fsync it,
-    # rename, then fsync the directory so the rename itself survives a crash.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, b"".join(line + b"\n" for line in lines), mode=0o600)
 
 
 # ---------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from relaygw.delivery.result import (
 from relaygw.smtp.dataio import DotStuffer
 from relaygw.smtp.replies import Reply
 from relaygw.smtp.tls import tls_session_info
+from relaygw.smtp.transport import set_no_delay
 
 __all__ = [
     "ClientPolicy",
@@ -285,7 +286,7 @@ class SMTPClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._connected = True
-        _no_delay(self.transport)
+        set_no_delay(self.transport)
         self._expect("greeting")
         Deferred.fromCoroutine(self._handshake()).addBoth(self._finished_handshake)
 
@@ -746,14 +747,3 @@ def connect(reactor: Any, host_ip: str, port: int, policy: ClientPolicy,
             "4.4.1", f"connection refused/failed: {reason.getErrorMessage()}", remote=remote))
 
     return endpoint.connect(factory).addCallbacks(connected, refused)
-
-
-def _no_delay(transport: Any) -> None:
-    """SMTP is request/response in small writes: Nagle plus delayed ACKs would add
-    ~40 ms to every exchange."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:
-            pass

@@ -43,6 +43,7 @@ from relaygw.smtp.replies import (
     Reply,
 )
 from relaygw.smtp.tls import tls_session_info
+from relaygw.smtp.transport import set_no_delay
 
 log = Logger()
 
@@ -134,7 +135,7 @@ class SMTPServerProtocol(protocol.Protocol):
     # -- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
-        _no_delay(self.transport)
+        set_no_delay(self.transport)
         peer = self.transport.getPeer()
         ip = ipaddress.ip_address(getattr(peer, "host", "0.0.0.0"))
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
@@ -656,16 +657,6 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-
-
-def _no_delay(transport: Any) -> None:
-    # Replies are small writes; Nagle with delayed ACKs would stall pipelined clients.
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:
-            pass
 
 
 def received_header(hostname: str, session: Session, envelope: Envelope) -> bytes:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -20,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+from relaygw.fileio import write_atomically
 
 __all__ = [
     "TLSSetupError",
@@ -158,38 +158,13 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Key first: a crash in between leaves no certificate, so the next start regenerates.
-        _write_atomically(key_path, key_pem, mode=0o600)
-        _write_atomically(cert_path, cert_pem, mode=0o644)
+        write_atomically(key_path, key_pem, mode=0o600)
+        write_atomically(cert_path, cert_pem, mode=0o644)
     except OSError as e:
         raise TLSSetupError(
             f"tls: cannot write a self-signed certificate to {directory}: {e.strerror or e}"
         ) from e
     return cert_path, key_path
-
-
-def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
-    # Temp file beside the target (same filesystem, so os.replace is atomic), fsync it,
-    # rename, then fsync the directory so the rename itself survives a crash.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------

@@ -135,10 +135,10 @@ def test_file_is_fsynced_linked_then_new_directory_fsynced(tmp_path, spooled, mo
     (box / "new").mkdir()
     (box / "cur").mkdir()
     events = []
-    real_fsync, real_link, real_fsync_dir = os.fsync, os.link, maildir_module._fsync_dir
+    real_fsync, real_link, real_fsync_dir = os.fsync, os.link, maildir_module.fsync_dir
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(os, "link", lambda a, b: (events.append("link"), real_link(a, b))[1])
-    monkeypatch.setattr(maildir_module, "_fsync_dir",
+    monkeypatch.setattr(maildir_module, "fsync_dir",
                         lambda p: (events.append(("fsync_dir", p)), real_fsync_dir(p))[1])
     assert deliver(box, spooled).status == DELIVERED
     assert events[0] == "fsync"  # the message file
@@ -242,7 +242,7 @@ def test_failed_directory_fsync_removes_the_new_file_too(tmp_path, spooled, monk
     box = tmp_path / "Maildir"
     for sub in ("tmp", "new", "cur"):
         (box / sub).mkdir(parents=True)
-    monkeypatch.setattr(maildir_module, "_fsync_dir", fail_with(errno.EIO))
+    monkeypatch.setattr(maildir_module, "fsync_dir", fail_with(errno.EIO))
     result = deliver(box, spooled)
     assert (result.status, result.enhanced) == (TRANSIENT, "4.3.0")
     assert files(box / "tmp") == [] and files(box / "new") == []  # the retry makes one copy

@@ -112,7 +112,7 @@ def test_failed_directory_sync_withdraws_the_message(spool, monkeypatch):
     def broken(path):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(store, "_fsync_dir", broken)
+    monkeypatch.setattr(store, "fsync_dir", broken)
     writer = spool.new_message(envelope())
     writer.write(b"a\r\n")
     assert result_of(writer.commit()).check(SpoolError)
@@ -167,7 +167,7 @@ def test_directory_syncs_are_shared_by_commits_waiting_together(tmp_path, monkey
 
     class DeferredSpool(Spool):
         def run(self, fn, *args):
-            if fn is store._fsync_dir:
+            if fn is store.fsync_dir:
                 d = Deferred()
                 pending.append(d)
                 return d
