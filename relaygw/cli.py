@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from relaygw.cli_explain import add_commands as add_route_commands
+from relaygw.cli_queue import add_commands as add_queue_commands
 from relaygw.config import ConfigError
 
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("name", help="user name")
     passwd.set_defaults(func=_passwd)
     add_route_commands(sub)
+    add_queue_commands(sub)
     return parser
 
 

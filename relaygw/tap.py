@@ -17,6 +17,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.config import Config, ConfigError, ListenerConfig, default_config, load_config
+from relaygw.control import ControlService, socket_path
 from relaygw.delivery.local import MaildirCourier
 from relaygw.delivery.relay import RelayCourier
 from relaygw.dns import Resolver
@@ -218,6 +219,9 @@ class RelayService(_SequentialService):
                                     metrics=self.metrics)
         self.manager.setServiceParent(self)
         _QueueStarter(spool_service, self.manager).setServiceParent(self)
+        self.control = ControlService(socket_path(config.server.spool_dir), self.manager,
+                                      self.spool, self.holder, self.reload, reactor)
+        self.control.setServiceParent(self)
         if config.metrics.address is not None:
             # Added before the listeners, so it stops after them: /healthz says 503 meanwhile.
             health = HealthCheck(reactor, spool_pool, config.server.spool_dir,

@@ -347,6 +347,7 @@ class QueueManager(service.Service):
         """Fail every pending recipient and send the sender a DSN."""
         entries = self._entries(ids)
         now = self._now()
+        done: list[Deferred] = []
         for entry in entries:
             state = entry.state
             for i, r in enumerate(state.recipients):
@@ -356,10 +357,11 @@ class QueueManager(service.Service):
                         last_reply="5.0.0 returned to sender by the mail administrator",
                         notified=not should_bounce(entry.stored.envelope.sender)))
             entry.state = state
-            if not entry.busy:
+            if not entry.busy:  # one in flight is finished when its attempt ends
                 self._persist(entry)
-                self._finish(entry)
-        return succeed([e.queue_id for e in entries])
+                done.append(self._finish(entry))
+        # Answer once the outcome and the DSNs are on disk.
+        return DeferredList(done).addCallback(lambda _: [e.queue_id for e in entries])
 
     def _remove(self, entry: _Entry, why: str) -> Deferred:
         self.entries.pop(entry.queue_id, None)
@@ -370,12 +372,13 @@ class QueueManager(service.Service):
 
     # -- bounces and completion -------------------------------------------------
 
-    def _finish(self, entry: _Entry) -> None:
+    def _finish(self, entry: _Entry) -> Deferred:
         failed = [i for i, r in enumerate(entry.state.recipients) if r.needs_bounce]
         d = self._bounce(entry, failed) if failed else succeed(None)
         d.addCallback(lambda _: self._complete_or_reschedule(entry))
         d.addErrback(lambda f: log.failure("queue: finishing {queue_id} failed", f,
                                            queue_id=entry.queue_id))
+        return d
 
     def _complete_or_reschedule(self, entry: _Entry) -> Deferred | None:
         if entry.state.is_complete:
