@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import string
 import tomllib
 from collections.abc import Callable
@@ -85,6 +86,7 @@ class ServerConfig:
     bare_newlines: str = "reject"
     max_errors: int = 20  # protocol errors in one session before 421 4.7.0 and close
     min_free_space: int = 2 * 36700160  # bytes kept free on the spool's filesystem
+    shutdown_grace: float = 30.0  # seconds for sessions and deliveries to finish on SIGTERM
 
 
 @dataclass(frozen=True)
@@ -439,6 +441,7 @@ def _server(r: _Reader, t: dict[str, Any]) -> ServerConfig:
         bare_newlines=r.choice(t, "bare_newlines", "server", BARE_NEWLINES, defaults.bare_newlines),
         max_errors=integer("max_errors", 1),
         min_free_space=r.integer(t, "min_free_space", "server", 2 * size, 0),
+        shutdown_grace=r.seconds(t, "shutdown_grace", "server", defaults.shutdown_grace),
     )
 
 
@@ -530,10 +533,23 @@ def _smarthosts(r: _Reader, table: dict[str, Any]) -> tuple[SmarthostConfig, ...
         hosts = r.each(t, "hosts", where, partial(_hostport, default_port=port, ip_only=False),
                        nonempty=True)
         _both_or_neither(r, t, where, "username", "password_file")
-        out.append(SmarthostConfig(name, hosts or (), tls, r.existing_file(t, "ca_file", where),
+        ca_file = r.existing_file(t, "ca_file", where)
+        if tls in ("verify", "implicit"):
+            _warn_without_trust_store(r, f"{where}.tls", ca_file)
+        out.append(SmarthostConfig(name, hosts or (), tls, ca_file,
                                    r.string(t, "username", where, None),
                                    r.string(t, "password_file", where, None, r.path)))
     return tuple(out)
+
+
+def _warn_without_trust_store(r: _Reader, where: str, ca_file: Path | None) -> None:
+    """``verify`` with neither a ca_file nor a system trust store can never succeed."""
+    if ca_file is not None:
+        return
+    paths = ssl.get_default_verify_paths()
+    if not any(p and os.path.exists(p) for p in (paths.cafile, paths.capath,
+                                                  paths.openssl_cafile, paths.openssl_capath)):
+        r.warn(where, '"verify" needs a trust store: set ca_file (no system CA store found)')
 
 
 def _aliases(r: _Reader, table: dict[str, Any]) -> tuple[AliasEntry, ...]:
@@ -568,6 +584,13 @@ def _aliases(r: _Reader, table: dict[str, Any]) -> tuple[AliasEntry, ...]:
     return tuple(out)
 
 
+def _delivery_ca_file(r: _Reader, t: dict[str, Any]) -> Path | None:
+    ca_file = r.existing_file(t, "ca_file", "delivery")
+    if t.get("tls") == "verify":
+        _warn_without_trust_store(r, "delivery.tls", ca_file)
+    return ca_file
+
+
 def _delivery(r: _Reader, t: dict[str, Any]) -> DeliveryConfig:
     r.keys(t, "delivery", tuple(f.name for f in fields(DeliveryConfig)))
     defaults = DeliveryConfig()
@@ -592,7 +615,7 @@ def _delivery(r: _Reader, t: dict[str, Any]) -> DeliveryConfig:
         max_connections_per_destination=integer("max_connections_per_destination"),
         mx_port=integer("mx_port", 65535),
         tls=r.choice(t, "tls", "delivery", DELIVERY_TLS, defaults.tls),
-        ca_file=r.existing_file(t, "ca_file", "delivery"),
+        ca_file=_delivery_ca_file(r, t),
         timeouts=DeliveryTimeouts(**{
             f.name: r.seconds(timeouts, f.name, "delivery.timeouts", f.default)
             for f in fields(DeliveryTimeouts)}),

@@ -40,8 +40,6 @@ from relaygw.smtp.tls import TLSSetupError, ensure_self_signed, server_tls_optio
 
 log = Logger()
 
-SHUTDOWN_GRACE = 30.0  # seconds for sessions and deliveries to finish on SIGTERM
-
 
 class StartupError(Exception):
     """relaygw cannot start; the message says why, naming the config key."""
@@ -215,7 +213,8 @@ class RelayService(_SequentialService):
                                oldest_age=self._oldest_age,
                                circuit_states=smarthost_circuits(self.holder, self.relay.health))
         self.manager = QueueManager(self.spool, self.holder, couriers, reactor,
-                                    grace=SHUTDOWN_GRACE, on_grace_over=self.relay.abort_all,
+                                    grace=config.server.shutdown_grace,
+                                    on_grace_over=self.relay.abort_all,
                                     metrics=self.metrics)
         self.manager.setServiceParent(self)
         _QueueStarter(spool_service, self.manager).setServiceParent(self)
@@ -279,7 +278,7 @@ class RelayService(_SequentialService):
                 outer = TLSMemoryBIOFactory(tls_options, False, factory)
             outer.noisy = factory.noisy = False
             svc = ListenerService(_endpoint(self.reactor, listener), outer, listener.address,
-                                  sessions=factory, grace=SHUTDOWN_GRACE)
+                                  sessions=factory, grace=config.server.shutdown_grace)
             if self.running:  # a listener added by reload binds now
                 try:
                     svc.bind()

@@ -1021,3 +1021,24 @@ def test_import_has_no_twisted_and_no_side_effects() -> None:
             "import relaygw.config\n"
             "assert not any(m.startswith('twisted') for m in sys.modules), 'twisted imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_shutdown_grace_is_configurable(tmp_path):
+    config = parse_config({"server": {"shutdown_grace": 5},
+                           "listeners": [{"address": "127.0.0.1:0"}]}, tmp_path)
+    assert config.server.shutdown_grace == 5.0
+    with pytest.raises(ConfigError) as e:
+        parse_config({"server": {"shutdown_grace": "soon"},
+                      "listeners": [{"address": "127.0.0.1:0"}]}, tmp_path)
+    assert e.value.problems == ['server.shutdown_grace: must be a number > 0 (got "soon")']
+
+
+def test_verify_without_any_trust_store_warns(tmp_path, monkeypatch):
+    import ssl
+
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: ssl.DefaultVerifyPaths(
+        None, None, "/nonexistent/ca.pem", "", "/nonexistent/certs", ""))
+    config = parse_config({"listeners": [{"address": "127.0.0.1:0"}],
+                           "smarthosts": {"up": {"hosts": ["192.0.2.1"]}}}, tmp_path)
+    assert config.warnings == (
+        'smarthosts.up.tls: "verify" needs a trust store: set ca_file (no system CA store found)',)
