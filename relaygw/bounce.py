@@ -206,7 +206,9 @@ def _status_part(mta: str, envelope_id: str | None, queue_id: str, arrival: floa
         if rcpt.remote_mta:
             fields.append(("Remote-MTA", f"dns; {_token(rcpt.remote_mta)}"))
         if rcpt.diagnostic:
-            fields.append(("Diagnostic-Code", f"smtp; {_ascii(rcpt.diagnostic)}"))
+            # "smtp" names an SMTP reply (RFC 3464 2.3.6); our own diagnostics say so.
+            kind = "smtp" if re.match(r"[245]\d\d[ -]", rcpt.diagnostic) else "x-relaygw"
+            fields.append(("Diagnostic-Code", f"{kind}; {_ascii(rcpt.diagnostic)}"))
         groups.append(_fields(fields))
     return b"\r\n".join(groups)  # a blank line before each recipient's group
 

@@ -431,3 +431,15 @@ def test_extracted_headers_feed_the_dsn(tmp_path):
     path, offset = stored(tmp_path, HEADERS + b"\r\nsecret body\r\n")
     raw = dsn(original_headers=extract_headers(path, offset))
     assert b"Subject: test\r\n" in raw and b"secret body" not in raw
+
+
+def test_our_own_diagnostics_are_not_labelled_smtp():
+    admin = "5.0.0 returned to sender by the mail administrator"
+    dsn = build_dsn(reporting_mta="relay.test", envelope_id=None, queue_id="Q1",
+                    sender="a@b.example", arrival=0.0, now=60.0, message_id_domain="relay.test",
+                    original_headers=b"",
+                    recipients=[FailedRecipient("x@y.example", "5.0.0", admin, None),
+                                FailedRecipient("z@y.example", "5.1.1", "550 5.1.1 No such user",
+                                                "mx.y.example")])
+    assert b"Diagnostic-Code: x-relaygw; 5.0.0 returned to sender by the mail administrator" in dsn
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 No such user" in dsn
