@@ -61,7 +61,8 @@ class Daemon:
         leaf.private_key_pem.write_to_path(str(self.key))
         self.spool = directory / "spool"
 
-    def write_config(self, body: str, listeners: str | None = None) -> Path:
+    def write_config(self, body: str, listeners: str | None = None,
+                     server_extra: str = "") -> Path:
         if listeners is None:
             listeners = f'[[listeners]]\naddress = "127.0.0.1:{self.port}"\ntls = "starttls"\n'
         if "[[routes]]" not in body:
@@ -71,15 +72,16 @@ class Daemon:
         if "[dns]" not in body:
             # Never the system resolver: it would send queries off this machine.
             body += '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 1.0\n'
-        text = (f'[server]\nhostname = "relay.test"\nspool_dir = "{self.spool}"\n'
+        text = (f'[server]\nhostname = "relay.test"\nspool_dir = "{self.spool}"\n{server_extra}'
                 f'[tls]\ncertificate = "{self.cert}"\nprivate_key = "{self.key}"\n'
                 f"{listeners}\n{body}")
         path = self.dir / "relaygw.toml"
         path.write_text(text)
         return path
 
-    def start(self, body: str = "", listeners: str | None = None, wait_port: int | None = None):
-        config = self.write_config(body, listeners)
+    def start(self, body: str = "", listeners: str | None = None, wait_port: int | None = None,
+              server_extra: str = ""):
+        config = self.write_config(body, listeners, server_extra)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([RELAYGW, "run", "--config", str(config)], cwd=self.dir,
                                      stdout=self.log, stderr=subprocess.STDOUT)

@@ -298,3 +298,21 @@ def test_dns_servfail_is_deferred(daemon, capture, dns_server):
                                     if f"attempt id={queue_id}" in ln), None))
     assert "status=deferred" in line and "4.4.3" in line, line
     assert daemon.queued() == [queue_id]
+
+
+@pytest.mark.parametrize("ending", ["\n.\n", "\r.\r", "\n.\r\n", "\r\n.\r", "\r.\r\n"])
+def test_normalised_smuggling_attempt_reaches_the_next_hop_as_one_message(daemon, capture,
+                                                                           ending):
+    sink = capture()
+    daemon.start(smarthost("up", sink.port) + '[[routes]]\naction = "smarthost"\n'
+                 'smarthost = "up"\n', server_extra='bare_newlines = "normalize"\n')
+    smuggled = ("MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\n"
+                "Subject: spoofed\r\n\r\nsmuggled\r\n")
+    body = ("Subject: outer\r\n\r\nhello" + ending + smuggled).encode()
+    send(daemon, body=body)
+    ((mail_from, rcpts, content),) = sink.wait_for(1)
+    assert (mail_from, rcpts) == ("a@local.example", ["b@remote.example"])
+    assert b"\r\nMAIL FROM:<evil@x.example>\r\n" in content  # data, not a command
+    assert b"\n" not in content.replace(b"\r\n", b"")  # only CRLF went out
+    assert wait_until(lambda: daemon.queued() == [])
+    assert len(sink.wait_for(2, timeout=2)) == 1
