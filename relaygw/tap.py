@@ -101,17 +101,22 @@ def _tls_options(config: Config) -> Any:
         raise StartupError(f"server.spool_dir: cannot create TLS files: {e}") from e
 
 
-def _authenticator(config: Config, reactor: Any, pool: ThreadPool) -> Authenticator | None:
+def _users(config: Config) -> dict[str, str] | None:
     if config.auth.users_file is None:
         return None
     try:
-        users = load_users(config.auth.users_file)
+        return load_users(config.auth.users_file)
     except UsersFileError as e:
         raise StartupError("\n".join(f"auth.users_file: {p}" for p in e.problems)) from e
     except OSError as e:
         raise StartupError(f"auth.users_file: cannot read {config.auth.users_file}: "
                            f"{e.strerror}") from e
-    return Authenticator(users, pool, reactor)
+
+
+def _prepare(config: Config) -> tuple[dict[str, str] | None, Any]:
+    """The file work a configuration needs (users, TLS keys): blocking, so at start-up
+    or in a thread, never on the reactor thread of a running daemon."""
+    return _users(config), _tls_options(config)
 
 
 def _endpoint(reactor: Any, listener: ListenerConfig) -> Any:
@@ -234,7 +239,7 @@ class RelayService(_SequentialService):
         self.listeners = service.MultiService()  # stopped together: they drain in parallel
         self.listeners.setServiceParent(self)
         self.by_listener: dict[ListenerConfig, ListenerService] = {}
-        self._apply(config)
+        self._apply(config, _prepare(config))
 
     def _oldest_age(self) -> float:
         arrived = [e.stored.envelope.arrived for e in self.manager.entries.values()]
@@ -248,11 +253,12 @@ class RelayService(_SequentialService):
     def _resolver(self, config: Config) -> Resolver:
         return Resolver(self.reactor, self.dns_pool, config.dns.nameservers, config.dns.timeout)
 
-    def _apply(self, config: Config) -> list[str]:
+    def _apply(self, config: Config, prepared: tuple[dict[str, str] | None, Any]) -> list[str]:
         """Make the listeners and their settings match ``config``; returns problems."""
         problems: list[str] = []
-        authenticator = _authenticator(config, self.reactor, self.auth_pool)
-        tls_options = _tls_options(config)
+        users, tls_options = prepared
+        authenticator = (Authenticator(users, self.auth_pool, self.reactor)
+                         if users is not None else None)
         self.counter.max_total = config.server.max_connections
         self.counter.max_per_client = config.server.max_connections_per_client
         wanted = set(config.listeners)
@@ -300,19 +306,23 @@ class RelayService(_SequentialService):
         old = self.holder()
         if old.source_path is None:
             return succeed([])  # the embedded default has nothing to re-read
-        d = deferToThread(load_config, old.source_path)
+        def read() -> tuple[Config, Any]:
+            new = load_config(old.source_path)
+            try:
+                return new, _prepare(new)
+            except StartupError as e:
+                raise ConfigError(str(e).splitlines()) from e
 
-        def loaded(new: Config) -> list[str]:
+        d = deferToThread(read)
+
+        def loaded(result: tuple[Config, Any]) -> list[str]:
+            new, prepared = result
             if new.server.spool_dir != old.server.spool_dir:
                 raise ConfigError(["server.spool_dir: cannot change while running; restart"])
             if (new.metrics, new.log) != (old.metrics, old.log):
                 log.warn("reload: [metrics] and [log] changes take effect at the next restart")
             self.holder.current = new
-            try:
-                problems = self._apply(new)
-            except StartupError as e:
-                self.holder.current = old
-                raise ConfigError(str(e).splitlines()) from e
+            problems = self._apply(new, prepared)
             self.relay.reconfigured(self._resolver(new))
             for problem in problems:
                 log.error("reload: {problem}", problem=problem)

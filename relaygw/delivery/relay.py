@@ -201,32 +201,39 @@ class RelayCourier:
 
     # -- targets ----------------------------------------------------------------
 
-    def _trust_root(self, ca_file: Path | None) -> Any:
+    @inlineCallbacks
+    def _trust_root(self, ca_file: Path | None):
+        """A CA bundle as a trust root; read once, in the spool's threads."""
         if ca_file is None:
             return None
         if ca_file not in self._trust:
-            pems = ca_file.read_bytes().split(b"-----END CERTIFICATE-----")
+            data = yield self.run(ca_file.read_bytes)
+            pems = data.split(b"-----END CERTIFICATE-----")
             certs = [Certificate.loadPEM(p + b"-----END CERTIFICATE-----\n")
                      for p in pems if b"-----BEGIN CERTIFICATE-----" in p]
             self._trust[ca_file] = trustRootFromCertificates(certs)
         return self._trust[ca_file]
 
-    def _password(self, path: Path | None) -> str | None:
+    @inlineCallbacks
+    def _password(self, path: Path | None):
         if path is None:
             return None
         if path not in self._secrets:
-            self._secrets[path] = path.read_text().strip("\r\n")
+            text = yield self.run(path.read_text)
+            self._secrets[path] = text.strip("\r\n")
         return self._secrets[path]
 
-    def _smarthost_targets(self, name: str) -> list[_Target]:
+    @inlineCallbacks
+    def _smarthost_targets(self, name: str):
         config = self.config_source()
         smarthost = config.smarthost(name)
+        trust_root = yield self._trust_root(smarthost.ca_file)
+        password = yield self._password(smarthost.password_file)
         targets = []
         for hp in smarthost.hosts:
             policy = ClientPolicy(
                 helo_name=config.server.hostname, tls=smarthost.tls, tls_hostname=hp.host,
-                trust_root=self._trust_root(smarthost.ca_file), username=smarthost.username,
-                password=self._password(smarthost.password_file),
+                trust_root=trust_root, username=smarthost.username, password=password,
                 timeouts=config.delivery.timeouts)
             targets.append(_Target(hp.host, hp.port, policy))
         return targets
@@ -235,6 +242,7 @@ class RelayCourier:
     def _mx_targets(self, domain: str):
         config = self.config_source()
         answer = yield self.resolver.mx_hosts(domain)
+        trust_root = yield self._trust_root(config.delivery.ca_file)
         targets = []
         for mx in answer.hosts:
             if mx.host == config.server.hostname:
@@ -242,8 +250,7 @@ class RelayCourier:
                     "5.4.6", f"mail for {domain} loops back to myself (MX {mx.host})"))
             policy = ClientPolicy(
                 helo_name=config.server.hostname, tls=config.delivery.tls, tls_hostname=mx.host,
-                trust_root=self._trust_root(config.delivery.ca_file),
-                timeouts=config.delivery.timeouts)
+                trust_root=trust_root, timeouts=config.delivery.timeouts)
             targets.append(_Target(mx.host, config.delivery.mx_port, policy))
         return targets
 
@@ -266,7 +273,7 @@ class RelayCourier:
         count = len(job.decisions)
         try:
             if decision.action == "smarthost":
-                targets = self._smarthost_targets(decision.smarthost)
+                targets = yield self._smarthost_targets(decision.smarthost)
             else:
                 targets = yield self._mx_targets(decision.domain)
         except DNSFailure as e:
