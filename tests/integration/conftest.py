@@ -80,11 +80,12 @@ class Daemon:
         return path
 
     def start(self, body: str = "", listeners: str | None = None, wait_port: int | None = None,
-              server_extra: str = ""):
+              server_extra: str = "", env: dict[str, str] | None = None):
         config = self.write_config(body, listeners, server_extra)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([RELAYGW, "run", "--config", str(config)], cwd=self.dir,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         wait_for_port(wait_port or self.port, self.proc,
                       implicit_tls='tls = "implicit"' in (listeners or ""))
         return self
