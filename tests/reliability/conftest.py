@@ -117,11 +117,4 @@ def tmpfs_spool(daemon):  # noqa: F811
 
 def start(relay, body: str = "", server: str = ""):
     """``daemon.start(body)`` with extra ``[server]`` keys (TOML allows one [server] table)."""
-    config = relay.write_config(body)
-    text = config.read_text().replace("[server]\n", "[server]\n" + server, 1)
-    config.write_text(text)
-    relay.log = open(relay.log_path, "ab")
-    relay.proc = subprocess.Popen([RELAYGW, "run", "--config", str(config)], cwd=relay.dir,
-                                  stdout=relay.log, stderr=subprocess.STDOUT)
-    wait_for_port(relay.port, relay.proc)
-    return relay
+    return relay.start(body, server_extra=server)
