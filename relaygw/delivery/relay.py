@@ -37,6 +37,7 @@ CHUNK = 256 * 1024
 IDLE_REUSE = 5.0  # seconds an idle outbound connection waits for another message
 FAILURES_TO_OPEN = 3  # consecutive connection failures before a host is skipped
 OPEN_FOR = 60.0  # seconds a failing host is skipped before one trial connection
+MAX_TRACKED_HOSTS = 10_000  # MX hosts come and go: forget the oldest healthy-enough ones
 
 
 class HostHealth:
@@ -60,13 +61,23 @@ class HostHealth:
         return self.state(host) != "open"
 
     def failed(self, host: str) -> None:
-        count = self._failures.get(host, 0) + 1
-        self._failures[host] = count
+        count = self._failures.pop(host, 0) + 1
+        self._failures[host] = count  # re-inserted: dict order is least recently failed first
+        if len(self._failures) > MAX_TRACKED_HOSTS:
+            self._forget_one()
         if count >= self.failures_to_open:
             if self.state(host) != "open":
                 log.warn("delivery: {host} failed {n} times in a row; skipping it for {s:.0f}s",
                          host=host, n=count, s=self.open_for)
             self._opened_at[host] = self.clock.seconds()
+
+    def _forget_one(self) -> None:
+        """Drop the least recently failed host that is not being skipped."""
+        for old in self._failures:
+            if self.state(old) != "open":
+                self._failures.pop(old)
+                self._opened_at.pop(old, None)
+                return
 
     def succeeded(self, host: str) -> None:
         self._failures.pop(host, None)
