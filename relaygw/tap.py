@@ -275,8 +275,6 @@ class RelayService(_SequentialService):
                 continue
             factory = SMTPServerFactory(
                 settings, self.policy, self.spool, authenticator, self.reactor,
-                max_connections=config.server.max_connections,
-                max_connections_per_client=config.server.max_connections_per_client,
                 counter=self.counter, on_queued=self.manager.enqueued,
                 metrics=self.metrics, listener=listener.address)
             outer: Any = factory

@@ -684,8 +684,7 @@ class SMTPServerFactory(protocol.Factory):
     """Builds sessions for one listener and enforces the connection caps."""
 
     def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
-                 authenticator: Any, clock: Any, *, max_connections: int,
-                 max_connections_per_client: int, counter: ConnectionCounter | None = None,
+                 authenticator: Any, clock: Any, *, counter: ConnectionCounter,
                  on_queued: Callable[[StoredMessage], None] | None = None,
                  metrics: Any = NO_METRICS, listener: str = "") -> None:
         self.settings = settings
@@ -696,7 +695,7 @@ class SMTPServerFactory(protocol.Factory):
         self.on_queued = on_queued
         self.metrics = metrics
         self.listener = listener
-        self.counter = counter or ConnectionCounter(max_connections, max_connections_per_client)
+        self.counter = counter  # shared by all listeners: the caps are daemon-wide
         self.sessions: set[SMTPServerProtocol] = set()
         self._drained: Deferred | None = None
 

@@ -74,8 +74,7 @@ class Harness:
         config = self.config()
         policy = ConfiguredPolicy(lambda: config, self.spool)
         return SMTPServerFactory(replace(self.settings, **settings), policy, self.spool,
-                                 self.authenticator, self.clock, max_connections=10,
-                                 max_connections_per_client=3,
+                                 self.authenticator, self.clock,
                                  counter=ConnectionCounter(10, 3),
                                  on_queued=self.queued.append)
 
