@@ -186,6 +186,143 @@ def cpu_seconds(pid: int, children: bool = False, task: int | None = None) -> fl
     return ticks / _CLK_TCK
 
 
+# -- process trees (relaygw's main process and its worker processes) ----------------------
+
+def _stat_fields(path: str) -> list[str] | None:
+    """The fields of a /proc stat file after the ``(comm)`` one: [0] is field 3 (state)."""
+    try:
+        return Path(path).read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+# /proc/PID/task/TID/children needs CONFIG_PROC_CHILDREN; without it, scan /proc for ppids.
+_HAVE_CHILDREN_FILE = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tids:
+        with contextlib.suppress(OSError, ValueError):
+            kids += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return kids
+
+
+def _ppid_map() -> dict[int, list[int]]:
+    """ppid -> pids, from every /proc/PID/stat (field 4)."""
+    out: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        fields = _stat_fields(f"/proc/{name}/stat")
+        if fields:
+            out.setdefault(int(fields[1]), []).append(int(name))
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all of its living descendants, parents before their children."""
+    if not os.path.exists(f"/proc/{pid}"):
+        return []
+    if _HAVE_CHILDREN_FILE:
+        kids_of = _children
+    else:
+        ppids = _ppid_map()
+
+        def kids_of(p: int) -> list[int]:
+            return ppids.get(p, [])
+
+    tree, seen, i = [pid], {pid}, 0
+    while i < len(tree):
+        for kid in kids_of(tree[i]):
+            if kid not in seen:
+                seen.add(kid)
+                tree.append(kid)
+        i += 1
+    return tree
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def tree_status(pid: int, pss: bool = False) -> dict[str, int]:
+    """Sums over the process tree of ``pid``: VmRSS, VmHWM (the sum of each process's own
+    peak), Threads (KiB for the Vm fields), and with ``pss`` Pss (shared pages split
+    between the processes that map them); ``processes`` (how many); ``main_VmRSS`` and
+    ``main_VmHWM`` of ``pid`` alone.  Empty if ``pid`` is gone."""
+    out: dict[str, int] = {}
+    for i, p in enumerate(process_tree(pid)):
+        st = proc_status(p)
+        if not st:
+            continue  # exited meanwhile
+        out["processes"] = out.get("processes", 0) + 1
+        for key in ("VmRSS", "VmHWM", "Threads"):
+            out[key] = out.get(key, 0) + st.get(key, 0)
+        if i == 0:
+            out["main_VmRSS"], out["main_VmHWM"] = st.get("VmRSS", 0), st.get("VmHWM", 0)
+        if pss:
+            out["Pss"] = out.get("Pss", 0) + _pss_kib(p)
+    return out
+
+
+# (pid, start time in ticks) -> (CPU s of the process and of its reaped children,
+#                                CPU s of its main thread)
+CpuSnapshot = dict[tuple[int, int], tuple[float, float]]
+
+
+def tree_cpu(pid: int) -> CpuSnapshot:
+    """CPU seconds of every process of the tree of ``pid``, parents read before their
+    children.  Each process counts utime+stime plus cutime+cstime: children that exited
+    and were waited for are in their parent's cutime/cstime, so a sum over the tree
+    misses only children that exited unreaped (or between the reads of parent and child)."""
+    snap: CpuSnapshot = {}
+    for p in process_tree(pid):
+        fields = _stat_fields(f"/proc/{p}/stat")
+        if not fields:
+            continue
+        total = sum(int(x) for x in fields[11:15]) / _CLK_TCK
+        snap[(p, int(fields[19]))] = (total, cpu_seconds(p, task=p))
+    return snap
+
+
+def cpu_total(snap: CpuSnapshot) -> float:
+    return sum(total for total, _ in snap.values())
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat_fields(f"/proc/{pid}/stat")
+    return int(fields[19]) if fields else None
+
+
+def _reap_leftovers(tree: list[tuple[int, int | None]], grace: float = 5.0) -> list[int]:
+    """Of the processes ``tree`` (pid, start time), those still running ``grace`` seconds
+    after their parent went; they are SIGKILLed.  A pid that now belongs to another
+    process (another start time) is left alone."""
+    def alive() -> list[int]:
+        return [p for p, start in tree if start is not None and _start_time(p) == start
+                and (_stat_fields(f"/proc/{p}/stat") or ["Z"])[0] != "Z"]
+
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = alive()
+    for p in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    return left
+
+
 def make_workdir() -> Path:
     """The benchmark's scratch directory on local disk (/tmp here), searchable by postfix."""
     path = Path(tempfile.mkdtemp(prefix="relaygw-bench-"))
@@ -385,6 +522,7 @@ hostname = "relay.bench"
 spool_dir = "{spool}"
 max_connections = 20000
 max_connections_per_client = 20000
+workers = {workers}
 
 [[listeners]]
 address = "127.0.0.1:{port}"
@@ -398,6 +536,30 @@ tls = "none"
 action = "smarthost"
 smarthost = "sink"
 """
+
+
+def parse_workers(value: str) -> int | str:
+    """``--relaygw-workers``: "auto" or an integer 0..64 (what relaygw's config accepts)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    n = int(value)  # ValueError: argparse reports it
+    if not 0 <= n <= 64:
+        raise ValueError(f"workers must be 0..64 or auto, not {n}")
+    return n
+
+
+def workers_toml(workers: int | str) -> str:
+    """The TOML value: "auto" as a string, a count as a bare integer."""
+    return '"auto"' if workers == "auto" else str(int(workers))
+
+
+def expected_workers(workers: int | str) -> int:
+    """Worker processes relaygw should run for ``workers`` ("auto": one per CPU core,
+    none on a single core; as relaygw/config.py resolves it)."""
+    if workers == "auto":
+        cores = os.cpu_count() or 1
+        return 0 if cores < 2 else min(cores, 64)
+    return int(workers)
 
 
 def relaygw_command() -> str:
@@ -416,21 +578,24 @@ class Relaygw:
     name = "relaygw"
     relay_id = RELAYGW_ID
 
-    def __init__(self, directory: Path, sink_port: int) -> None:
+    def __init__(self, directory: Path, sink_port: int, workers: int | str = "auto") -> None:
         self.dir = directory
         self.sink_port = sink_port
+        self.workers = workers
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = directory / "relaygw.log"
         self.spool = directory / "spool"
         self._token = 0
+        self.leftovers: list[int] = []  # descendants still alive after relaygw exited
 
     def start(self, timeout: float = 60.0) -> Relaygw:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         config = self.dir / "relaygw.toml"
         config.write_text(CONFIG_TEMPLATE.format(spool=self.spool, port=self.port,
-                                                 sink_port=self.sink_port))
+                                                 sink_port=self.sink_port,
+                                                 workers=workers_toml(self.workers)))
         log = open(self.log_path, "ab")
         self.proc = popen([relaygw_command(), "run", "--config", str(config)],
                           stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
@@ -448,11 +613,16 @@ class Relaygw:
         assert self.proc is not None
         return self.proc.pid
 
-    def status(self) -> dict[str, int]:
-        return proc_status(self.pid)
+    def status(self, pss: bool = False) -> dict[str, int]:
+        """Sums over the whole process tree (main process and workers): see tree_status."""
+        return tree_status(self.pid, pss=pss)
+
+    def cpu_snapshot(self) -> CpuSnapshot:
+        return tree_cpu(self.pid)
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds of the whole process tree (reaped children included)."""
+        return cpu_total(self.cpu_snapshot())
 
     def reactor_cpu(self) -> float:
         """CPU seconds of the main thread, which runs the Twisted reactor."""
@@ -467,8 +637,11 @@ class Relaygw:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            # The workers, to make sure that none outlives relaygw (by pid and start time).
+            tree = [(p, _start_time(p)) for p in process_tree(self.pid)[1:]]
             # SIGTERM: graceful (sessions and deliveries get up to 30 s), then SIGKILL.
             terminate(self.proc, timeout=45)
+            self.leftovers = _reap_leftovers(tree)
         CLEANUP.remove(self._token)
 
     def exited_cleanly(self) -> bool:

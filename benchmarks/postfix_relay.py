@@ -76,7 +76,8 @@ class PostfixRelay:
         return self
 
     def status(self) -> dict[str, int]:
-        return {}
+        """How many processes the instance has now (its memory is not measured)."""
+        return {"processes": len(self.instance.processes())}
 
     def cpu(self) -> float:
         """CPU seconds of all instance processes, reaped children included (via master)."""

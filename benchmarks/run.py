@@ -4,7 +4,8 @@ Options: ``--quick`` (one round, small N: a smoke test), ``--scenarios a,b`` (a 
 ``--rounds N`` (default: 5 for a and b, 1 for the long run g, 3 for the others),
 ``--output PATH`` (where the report goes; by default a full
 run writes benchmarks/RESULTS.md and updates the headline in benchmarks/README.md, while
-a quick or partial run only prints), ``--keep`` (keep the scratch directory).
+a quick or partial run only prints), ``--keep`` (keep the scratch directory),
+``--relaygw-workers auto|N`` (relaygw's ``[server] workers``; default auto).
 
 See benchmarks/README.md for what is measured and how.
 """
@@ -33,9 +34,12 @@ from harness import (  # noqa: E402
     REPO,
     SMTP_SINK,
     SMTP_SOURCE,
+    expected_workers,
     make_workdir,
+    parse_workers,
     raise_nofile,
     stop_all,
+    workers_toml,
 )
 from postfix_relay import postfix_version, unavailable_reason  # noqa: E402
 from scenarios import RunResult, Scenario, run, scenarios  # noqa: E402
@@ -131,6 +135,7 @@ def summarize(sc: Scenario, runs: list[RunResult]) -> dict[str, Any]:
         rg = [r.data for r in mine if r.system == "relaygw"]
         out["rss_idle_kib"] = _median([d.get("rss_idle_kib") for d in rg])
         out["rss_peak_kib"] = max((d.get("rss_peak_kib") or 0 for d in rg), default=None)
+        out["processes"] = max((d.get("processes") or 0 for d in rg), default=None)
         out["greet_median_ms"] = _median([d.get("greet_median_ms") for d in rg])
         out["greet_max_ms"] = max((d.get("greet_max_ms") or 0 for d in rg), default=None)
         out["idle_open"] = min((d.get("idle_open") or 0 for d in rg), default=0)
@@ -147,8 +152,16 @@ def summarize(sc: Scenario, runs: list[RunResult]) -> dict[str, Any]:
         }
         if system == "relaygw":
             out[system]["reactor_busy"] = _median([d.get("reactor_busy") for d in ds])
+            out[system]["workers_busy"] = _median([d.get("workers_busy") for d in ds])
+            # Peak RSS: the sum of each process's own VmHWM at the end of the run (an upper
+            # bound: the processes need not peak at once); the max of the sampled sums of
+            # VmRSS (every 0.25 s, a lower bound) is in the raw runs.
             out[system]["rss_peak_kib"] = max(
                 ((d.get("end_status") or {}).get("VmHWM") or 0 for d in ds), default=None)
+            out[system]["rss_sampled_max_kib"] = max(
+                (d.get("rss_max_sampled_kib") or 0 for d in ds), default=None)
+            out[system]["processes"] = max((d.get("processes") or 0 for d in ds),
+                                           default=None)
             miles = [d["rss_milestones"] for d in ds if d.get("rss_milestones")]
             if miles:
                 out[system]["rss_milestones"] = miles[-1]
@@ -214,7 +227,8 @@ def check_targets(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str, bo
 def table(summary: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| scenario | load | relaygw accept | relaygw e2e | Postfix accept | Postfix e2e "
              "| ratio accept | ratio e2e | relaygw CPU ms/msg | Postfix CPU ms/msg "
-             "| relaygw reactor busy | relaygw peak RSS |", "|" + "---|" * 12]
+             "| relaygw reactor busy | relaygw workers busy | relaygw peak RSS (Σ VmHWM) "
+             "| relaygw procs |", "|" + "---|" * 14]
     idle = []
     for key, s in summary.items():
         if "greet_median_ms" in s:
@@ -229,14 +243,17 @@ def table(summary: dict[str, dict[str, Any]]) -> list[str]:
             f"| {_fmt(ratio_a, 2) + '×' if ratio_a else '–'} "
             f"| {_fmt(ratio_e, 2) + '×' if ratio_e else '–'} "
             f"| {_fmt(r.get('cpu_ms_per_msg'), 2)} | {_fmt(p.get('cpu_ms_per_msg'), 2)} "
-            f"| {_pct(r.get('reactor_busy'))} | {_fmt(rss and rss / MIB, 1)} MiB |")
+            f"| {_pct(r.get('reactor_busy'))} | {_pct(r.get('workers_busy'))} "
+            f"| {_fmt(rss and rss / MIB, 1)} MiB | {r.get('processes') or '–'} |")
     if idle:
-        lines += ["", "| scenario | load | relaygw RSS with all idle | relaygw peak RSS "
-                  "| new client's greeting, median | worst |", "|" + "---|" * 6]
+        lines += ["", "| scenario | load | relaygw RSS with all idle (Σ VmRSS) "
+                  "| relaygw peak RSS (Σ VmHWM) | relaygw procs "
+                  "| new client's greeting, median | worst |", "|" + "---|" * 7]
         for key, s in idle:
             rss, peak = s.get("rss_idle_kib"), s.get("rss_peak_kib")
             lines.append(f"| ({key}) {s['title']} | {s['load']} "
                          f"| {_fmt(rss and rss / MIB, 1)} MiB | {_fmt(peak and peak / MIB, 1)} MiB "
+                         f"| {s.get('processes') or '–'} "
                          f"| {_fmt(s.get('greet_median_ms'), 1)} ms "
                          f"| {_fmt(s.get('greet_max_ms'), 1)} ms |")
     return lines
@@ -252,10 +269,12 @@ def _mib(kib: int | None) -> str:
 
 def raw_table(runs: list[RunResult]) -> list[str]:
     lines = ["| run | ok | N | accept s | e2e s | accept msg/s | e2e msg/s | CPU s "
-             "| reactor CPU s | relaygw VmHWM MiB | at sink: txn/ids/dups/rcpts | queue left "
-             "| load avg |", "|" + "---|" * 13]
+             "| reactor CPU s | workers busy | processes / threads "
+             "| relaygw RSS MiB: Σ VmHWM / max sampled Σ VmRSS "
+             "| at sink: txn/ids/dups/rcpts | queue left | load avg |", "|" + "---|" * 15]
     idle = ["| run | ok | idle sessions | opened in s | RSS MiB: start / all idle / peak "
-            "| greeting probes, ms | idle still open after | load avg |", "|" + "---|" * 8]
+            "| processes / threads | greeting probes, ms | idle still open after | load avg |",
+            "|" + "---|" * 9]
     for r in runs:
         d = r.data
         ok = "yes" if r.ok else "NO"
@@ -265,6 +284,7 @@ def raw_table(runs: list[RunResult]) -> list[str]:
                 f"| {r.scenario}/{r.system}/{r.round} | {ok} | {d.get('idle_open', 0):,} "
                 f"| {_fmt(d.get('idle_open_s'), 1)} | {_mib(d.get('rss_start_kib'))} / "
                 f"{_mib(d.get('rss_idle_kib'))} / {_mib(d.get('rss_peak_kib'))} "
+                f"| {d.get('processes', '–')} / {d.get('threads_idle', '–')} "
                 f"| {', '.join(f'{x:.1f}' for x in d.get('greet_ms', []))} "
                 f"| {d.get('idle_alive_after', '–')} | {load} |")
             continue
@@ -274,7 +294,10 @@ def raw_table(runs: list[RunResult]) -> list[str]:
             f"| {_fmt(d.get('accept_s'), 2)} | {_fmt(d.get('e2e_s'), 2)} "
             f"| {_fmt(d.get('accept_rate'))} | {_fmt(d.get('e2e_rate'))} "
             f"| {_fmt(d.get('cpu_s'), 1)} | {_fmt(d.get('reactor_cpu_s'), 1)} "
-            f"| {_mib((d.get('end_status') or {}).get('VmHWM'))} "
+            f"| {_pct(d.get('workers_busy'))} "
+            f"| {d.get('processes', '–')} / {d.get('threads_max', '–')} "
+            f"| {_mib((d.get('end_status') or {}).get('VmHWM'))} / "
+            f"{_mib(d.get('rss_max_sampled_kib'))} "
             f"| {v.get('transactions', '–')}/{v.get('unique', '–')}/{v.get('dups', '–')}/"
             f"{v.get('rcpts', '–')} | {d.get('queued_before_stop', '–')} | {load} |")
     return lines + ([""] + idle if len(idle) > 2 else [])
@@ -291,16 +314,25 @@ def report(info: dict[str, str], args: argparse.Namespace, summary: dict[str, di
         out.append(f"- {key}: {info[key]}")
     out.append(f"- rounds: {args.rounds_text} (medians below, with min–max; relaygw and "
                "Postfix alternate, the first one swaps every round)")
+    out.append(f"- relaygw workers: {workers_line(args.relaygw_workers)}")
+    out.append(f"- relaygw processes seen per run: {processes_line(args.relaygw_workers, runs)}")
     out.append(f"- wall time of the whole run: {wall / 60:.1f} min")
     out += ["", "## Summary (medians, min–max over the rounds in brackets; rates in msg/s)",
             ""]
     out += table(summary)
     out += ["", "accept = N / wall time of smtp-source (every reply 2xx); e2e = messages that "
             "must reach the sink / time until the sink counted the last one; ratio = "
-            "relaygw / Postfix. In (f) e2e counts the half that the sink accepts. CPU ms/msg: "
-            "relaygw's process, or all of the Postfix instance's processes. Reactor busy: "
-            "CPU time of relaygw's main (reactor) thread / e2e time; near 100 % the single "
-            "reactor thread is the bottleneck.", ""]
+            "relaygw / Postfix. In (f) e2e counts the half that the sink accepts. Every "
+            "relaygw figure covers its whole process tree (the main process and all of its "
+            "descendants, i.e. the workers): CPU ms/msg is the tree's CPU, or all of the "
+            "Postfix instance's processes. Reactor busy: CPU time of relaygw's main "
+            "process's main (reactor) thread / e2e time; near 100 % the single reactor "
+            "thread is the bottleneck. Workers busy: the same for the busiest worker's main "
+            "thread (– without workers). Peak RSS: the sum of every relaygw process's own "
+            "VmHWM at the end of the run, the max over the rounds (an upper bound, the "
+            "processes need not peak at once; the raw runs also give the max of the sums "
+            "of VmRSS sampled every 0.25 s). Procs: relaygw processes seen (main + workers, "
+            "max over the run and the rounds).", ""]
     out += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, measured, met in checks:
         out.append(f"| {name} | {measured} | "
@@ -333,7 +365,8 @@ def headline(summary: dict[str, dict[str, Any]], info: dict[str, str]) -> str | 
         return None
     r, p = a["relaygw"], a["postfix"]
     return (f"Scenario (a), 20 sessions × 2 KiB, {info['nproc']} cores, {info['date'][:10]}, "
-            f"commit {info['commit'].split()[0]}: end-to-end relaygw {r['e2e']:,.0f} msg/s vs "
+            f"commit {info['commit'].split()[0]}, relaygw workers = "
+            f"{workers_toml(info['workers'])}: end-to-end relaygw {r['e2e']:,.0f} msg/s vs "
             f"Postfix {info['postfix']} {p['e2e']:,.0f} msg/s = **{a['ratio_e2e']:.2f}×**; "
             f"accept rate {r['accept']:,.0f} vs {p['accept']:,.0f} msg/s = "
             f"**{a['ratio_accept']:.2f}×**.")
@@ -373,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="write the report here (a full run defaults to RESULTS.md)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--relaygw-workers", type=_workers_arg, default="auto",
+                        metavar="auto|N",
+                        help="relaygw's [server] workers: SMTP session processes beside the "
+                             "main one, 0..64, or auto = one per CPU core (default: auto)")
     args = parser.parse_args(argv)
     all_sc = scenarios(args.quick)
     keys = [k.strip() for k in args.scenarios.split(",") if k.strip()] or list(all_sc)
@@ -397,8 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _on_signal)
     workdir = make_workdir()
     info = machine_info(workdir)
+    info["workers"] = args.relaygw_workers
     print(f"relaygw benchmark: scenarios {','.join(keys)}, rounds {args.rounds_text}, "
           f"workdir {workdir}, RLIMIT_NOFILE {nofile}", flush=True)
+    print(f"relaygw workers: {workers_line(args.relaygw_workers)}", flush=True)
     print(f"machine: {info['nproc']} cores, {info['cpu']}, Postfix {info['postfix']}, "
           f"commit {info['commit']}", flush=True)
     started = time.monotonic()
@@ -412,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 order = sc.systems if rnd % 2 else tuple(reversed(sc.systems))
                 for system in order:
                     t = time.monotonic()
-                    res = run(sc, system, rnd, workdir)
+                    res = run(sc, system, rnd, workdir, args.relaygw_workers)
                     runs.append(res)
                     print(f"  round {rnd} {system:8} {_run_line(res)} "
                           f"[{time.monotonic() - t:.0f}s]", flush=True)
@@ -439,7 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTargets:")
     for name, measured, met in checks:
         print(f"  [{'ok' if met else ('FAIL' if met is not None else '?')}] {name}: {measured}")
-    print(f"\nwall time {wall / 60:.1f} min")
+    print(f"\nrelaygw processes seen per run: "
+          f"{processes_line(args.relaygw_workers, runs)}")
+    print(f"wall time {wall / 60:.1f} min")
     if interrupted:
         return 130
     if output is not None:
@@ -453,17 +494,49 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.ok for r in runs) else 1
 
 
+def _workers_arg(value: str) -> int | str:
+    try:
+        return parse_workers(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f'{value!r}: an integer 0..64 or "auto" ({e})') from e
+
+
+def workers_line(workers: int | str) -> str:
+    """What the configuration says and what it means here."""
+    n = expected_workers(workers)
+    what = "one per CPU core" if workers == "auto" else "as given"
+    return (f"`workers = {workers_toml(workers)}` (`--relaygw-workers {workers}`; {what}: "
+            f"{n} worker process(es) expected beside the main one)")
+
+
+def processes_line(workers: int | str, runs: list[RunResult]) -> str:
+    """relaygw processes (main + descendants) seen, over the relaygw runs."""
+    seen = sorted({r.data["processes"] for r in runs
+                   if r.system == "relaygw" and r.data.get("processes")})
+    if not seen:
+        return "–"
+    text = f"{seen[0]}" if len(seen) == 1 else f"{seen[0]}–{seen[-1]}"
+    text += " (main + descendants, max over each run)"
+    want = expected_workers(workers) + 1
+    if seen != [want]:
+        text += f"; NOT the expected {want} (the main process and {want - 1} worker(s))"
+    return text
+
+
 def _run_line(res: RunResult) -> str:
     d = res.data
     if "greet_ms" in d or res.scenario == "e":
         return (f"idle {d.get('idle_open', 0):,} RSS {(d.get('rss_idle_kib') or 0) / MIB:.1f} MiB "
+                f"procs {d.get('processes', '–')} "
                 f"greet median {_fmt(d.get('greet_median_ms'), 1)} ms "
                 f"max {_fmt(d.get('greet_max_ms'), 1)} ms {'ok' if res.ok else 'FAILED'}")
     hwm = (d.get("end_status") or {}).get("VmHWM")
     return (f"accept {_fmt(d.get('accept_rate'))} msg/s  e2e {_fmt(d.get('e2e_rate'))} msg/s  "
             f"cpu {_fmt(d.get('cpu_s'), 1)} s"
             + (f"  reactor busy {_pct(d['reactor_busy'])}" if d.get("reactor_busy") else "")
+            + (f"  workers busy {_pct(d['workers_busy'])}" if d.get("workers_busy") else "")
             + (f"  peak RSS {hwm / MIB:.1f} MiB" if hwm else "")
+            + (f"  procs {d['processes']}" if d.get("processes") else "")
             + ("" if res.ok else "  FAILED"))
 
 

@@ -11,10 +11,16 @@ A *throughput* run (scenarios a, b, c, d, f, g) starts a fresh sink and a fresh 
   or faultsink's counters) holds every expected message once: as many transactions as
   expected, each with a distinct relay queue id, and the expected number of recipients;
   and the relay's queue holds only what should stay (the deferred half in f);
-- relaygw's VmHWM (peak RSS) and VmRSS samples, and CPU seconds of the relay.
+- CPU seconds of the relay, and relaygw's memory: VmRSS sampled every 0.25 s and the
+  VmHWM (peak RSS) of each process at the end.
 
-Scenario (e) holds 10,000 idle SMTP sessions open to relaygw and measures its RSS and
-the greeting latency of new clients meanwhile.
+Every relaygw figure covers its whole process tree: the main process (the one started
+with ``relaygw run``) and all of its descendants (the ``[server] workers`` processes),
+summed: VmRSS, VmHWM, threads, CPU.  "Reactor busy" is the main process's main thread;
+"workers busy" the busiest worker's main thread.
+
+Scenario (e) holds 10,000 idle SMTP sessions open to relaygw and measures its RSS (the
+whole tree's) and the greeting latency of new clients meanwhile.
 """
 
 from __future__ import annotations
@@ -37,10 +43,10 @@ from harness import (
     Relaygw,
     SmtpSink,
     Source,
+    cpu_total,
     free_port,
     greeting_time,
     make_dumpdir,
-    proc_status,
 )
 from postfix_relay import PostfixRelay
 
@@ -121,35 +127,42 @@ def _loadavg() -> str:
 
 
 class _Sampler(threading.Thread):
-    """Samples relaygw's VmRSS and the sink's count every ``interval`` seconds."""
+    """Samples relaygw's VmRSS (summed over its process tree), its number of processes
+    and threads, and the sink's count, every ``interval`` seconds."""
 
-    def __init__(self, pid: int | None, sink: Any, interval: float = 0.25) -> None:
+    def __init__(self, relay: Relaygw | None, sink: Any, interval: float = 0.25) -> None:
         super().__init__(daemon=True, name="sampler")
-        self.pid = pid
+        self.relay = relay
         self.sink = sink
         self.interval = interval
         self.samples: list[tuple[float, int, int]] = []  # (t, sink count, VmRSS KiB)
+        self.max_processes = 0
+        self.max_threads = 0
         self._halt = threading.Event()
         self.t0 = time.monotonic()
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
-            rss = proc_status(self.pid).get("VmRSS", 0) if self.pid else 0
-            self.samples.append((time.monotonic() - self.t0, self.sink.count, rss))
+            st = self.relay.status() if self.relay is not None else {}
+            self.max_processes = max(self.max_processes, st.get("processes", 0))
+            self.max_threads = max(self.max_threads, st.get("Threads", 0))
+            self.samples.append((time.monotonic() - self.t0, self.sink.count,
+                                 st.get("VmRSS", 0)))
 
     def stop(self) -> None:
         self._halt.set()
         self.join(2)
 
 
-def run_throughput(sc: Scenario, system: str, rnd: int, workdir: Path) -> RunResult:
+def run_throughput(sc: Scenario, system: str, rnd: int, workdir: Path,
+                   workers: int | str = "auto") -> RunResult:
     res = RunResult(sc.key, system, rnd)
     rundir = workdir / f"{sc.key}-{system}-{rnd}"
     rundir.mkdir()
     rundir.chmod(0o755)
     dumpdir = make_dumpdir()
     try:
-        _throughput(sc, system, res, rundir, dumpdir)
+        _throughput(sc, system, res, rundir, dumpdir, workers)
     finally:
         shutil.rmtree(dumpdir, ignore_errors=True)
     if res.ok:
@@ -158,7 +171,7 @@ def run_throughput(sc: Scenario, system: str, rnd: int, workdir: Path) -> RunRes
 
 
 def _throughput(sc: Scenario, system: str, res: RunResult, rundir: Path,
-                dumpdir: Path) -> None:
+                dumpdir: Path, workers: int | str) -> None:
     n = sc.messages
     expected = n // 2 if sc.defer_half else n
     sink: SmtpSink | FaultSink = FaultSink(rundir) if sc.defer_half else SmtpSink(dumpdir)
@@ -167,15 +180,19 @@ def _throughput(sc: Scenario, system: str, res: RunResult, rundir: Path,
     d["load_before"] = _loadavg()
     try:
         sink.start()
+        rg: Relaygw | None = None
         if system == "relaygw":
-            relay = Relaygw(rundir, sink.port).start()
+            relay = rg = Relaygw(rundir, sink.port, workers).start()
+            d["workers"] = workers
         else:
             relay = PostfixRelay(rundir, sink.port, free_port()).start()
         d["start_status"] = relay.status()
-        cpu0 = relay.cpu()
-        reactor0 = relay.reactor_cpu() if system == "relaygw" else 0.0
+        # relaygw: every process of its tree, read before and after the load.
+        snap0 = rg.cpu_snapshot() if rg is not None else {}
+        cpu0 = cpu_total(snap0) if rg is not None else relay.cpu()
+        reactor0 = rg.reactor_cpu() if rg is not None else 0.0
         sink.expect(expected)
-        sampler = _Sampler(relay.pid if system == "relaygw" else None, sink)
+        sampler = _Sampler(rg, sink)
         sampler.t0 = t0 = time.monotonic()
         sampler.start()
         try:
@@ -196,15 +213,28 @@ def _throughput(sc: Scenario, system: str, res: RunResult, rundir: Path,
             time.sleep(1.0)
         finally:
             sampler.stop()
-        d["cpu_s"] = relay.cpu() - cpu0
-        if system == "relaygw":
-            d["reactor_cpu_s"] = relay.reactor_cpu() - reactor0
+        if rg is not None:
+            reactor1 = rg.reactor_cpu()
+            snap1 = rg.cpu_snapshot()
+            d["cpu_s"] = cpu_total(snap1) - cpu0
+            d["reactor_cpu_s"] = reactor1 - reactor0
+            _worker_cpu(d, rg.pid, snap0, snap1)
             if d.get("e2e_s"):
                 # The share of the run during which the reactor thread was on a CPU.
                 d["reactor_busy"] = d["reactor_cpu_s"] / d["e2e_s"]
-        d["end_status"] = relay.status()
+                if d.get("workers_main_cpu_s"):
+                    d["workers_busy"] = max(d["workers_main_cpu_s"]) / d["e2e_s"]
+        else:
+            d["cpu_s"] = relay.cpu() - cpu0
+        d["end_status"] = relay.status(pss=True) if rg is not None else relay.status()
         d["queued_before_stop"] = relay.queued()
         d["sink_count"] = sink.count
+        if rg is not None:
+            d["processes"] = max(sampler.max_processes, d["start_status"].get("processes", 0),
+                                 d["end_status"].get("processes", 0))
+            d["threads_max"] = max(sampler.max_threads, d["end_status"].get("Threads", 0))
+        elif d["end_status"].get("processes"):
+            d["processes"] = d["end_status"]["processes"]
         if sc.rss_samples:
             d["rss_milestones"] = _milestones(sampler.samples, n)
         d["rss_max_sampled_kib"] = max((s[2] for s in sampler.samples), default=0)
@@ -225,10 +255,36 @@ def _throughput(sc: Scenario, system: str, res: RunResult, rundir: Path,
         if count:
             res.problems.append(f"{count} error lines in the {system} log, first: "
                                 + " | ".join(first[:3]))
-        if system == "relaygw" and not relay.exited_cleanly():
-            res.fail(f"relaygw exited with status {relay.proc.returncode} on SIGTERM")
+        if system == "relaygw":
+            _check_exit(relay, res)
     sink.remove_dump()
     _rates(d, n, expected)
+
+
+def _worker_cpu(d: dict[str, Any], main: int, before: dict, after: dict) -> None:
+    """CPU seconds of each worker (every process of the tree but the main one) during the
+    run: of the whole process, and of its main thread (0 at the start for one born since)."""
+    procs, threads = [], []
+    for key, (total, thread) in after.items():
+        if key[0] == main:
+            continue
+        total0, thread0 = before.get(key, (0.0, 0.0))
+        procs.append(total - total0)
+        threads.append(thread - thread0)
+    d["workers_cpu_s"] = round(sum(procs), 3)
+    d["workers_main_cpu_s"] = sorted((round(t, 3) for t in threads), reverse=True)
+
+
+def _check_exit(relay: Relaygw, res: RunResult) -> None:
+    if not relay.exited_cleanly():
+        res.fail(f"relaygw exited with status {relay.proc.returncode} on SIGTERM")
+    _check_leftovers(relay, res)
+
+
+def _check_leftovers(relay: Relaygw, res: RunResult) -> None:
+    if relay.leftovers:
+        res.fail(f"{len(relay.leftovers)} relaygw worker process(es) still ran 5 s after "
+                 f"relaygw exited (killed): pids {relay.leftovers}")
 
 
 def _drive(sc: Scenario, port: int, res: RunResult) -> tuple[int | None, str]:
@@ -378,7 +434,8 @@ def _close_all(socks: list[socket.socket]) -> None:
         s.close()
 
 
-def run_idle(sc: Scenario, system: str, rnd: int, workdir: Path) -> RunResult:
+def run_idle(sc: Scenario, system: str, rnd: int, workdir: Path,
+             workers: int | str = "auto") -> RunResult:
     res = RunResult(sc.key, system, rnd)
     rundir = workdir / f"{sc.key}-{system}-{rnd}"
     rundir.mkdir()
@@ -389,9 +446,12 @@ def run_idle(sc: Scenario, system: str, rnd: int, workdir: Path) -> RunResult:
     try:
         # The sink only has to exist for the smarthost; no mail is sent.
         sink_port = free_port()
-        relay = Relaygw(rundir, sink_port).start()
+        relay = Relaygw(rundir, sink_port, workers).start()
+        d["workers"] = workers
         time.sleep(0.5)
-        d["rss_start_kib"] = relay.status().get("VmRSS")
+        st = relay.status()
+        procs = [st.get("processes", 0)]
+        d["rss_start_kib"] = st.get("VmRSS")
         d["greet_before_ms"] = statistics.median(
             greeting_time(relay.port) * 1000 for _ in range(5))
         socks, refused, took = _open_idle(relay.port, sc.idle)
@@ -402,8 +462,11 @@ def run_idle(sc: Scenario, system: str, rnd: int, workdir: Path) -> RunResult:
             res.fail(f"{len(socks)} of {sc.idle} idle connections greeted ({refused} refused "
                      f"or timed out)")
         time.sleep(1.0)
-        st = relay.status()
+        st = relay.status(pss=True)
+        procs.append(st.get("processes", 0))
         d["rss_idle_kib"] = st.get("VmRSS")
+        d["pss_idle_kib"] = st.get("Pss")
+        d["threads_idle"] = st.get("Threads")
         probes = []
         for _ in range(sc.probes):
             probes.append(greeting_time(relay.port) * 1000)
@@ -422,8 +485,10 @@ def run_idle(sc: Scenario, system: str, rnd: int, workdir: Path) -> RunResult:
                 pass
         d["idle_alive_after"] = alive
         st = relay.status()
+        procs.append(st.get("processes", 0))
+        d["processes"] = max(procs)
         d["rss_end_kib"] = st.get("VmRSS")
-        d["rss_peak_kib"] = st.get("VmHWM")
+        d["rss_peak_kib"] = st.get("VmHWM")  # the sum of each process's own VmHWM
         d["rss_per_conn_kib"] = ((d["rss_idle_kib"] - d["rss_start_kib"]) / max(1, len(socks))
                                  if d["rss_idle_kib"] and d["rss_start_kib"] else None)
     except (BenchError, OSError) as e:
@@ -439,12 +504,15 @@ def run_idle(sc: Scenario, system: str, rnd: int, workdir: Path) -> RunResult:
         if count:
             res.problems.append(f"{count} error lines in the relaygw log, first: "
                                 + " | ".join(first[:3]))
+        _check_leftovers(relay, res)
     if res.ok:
         shutil.rmtree(rundir, ignore_errors=True)
     return res
 
 
-def run(sc: Scenario, system: str, rnd: int, workdir: Path) -> RunResult:
+def run(sc: Scenario, system: str, rnd: int, workdir: Path,
+        workers: int | str = "auto") -> RunResult:
+    """One run; ``workers`` is relaygw's ``[server] workers`` ("auto" or a count)."""
     if sc.kind == "idle":
-        return run_idle(sc, system, rnd, workdir)
-    return run_throughput(sc, system, rnd, workdir)
+        return run_idle(sc, system, rnd, workdir, workers)
+    return run_throughput(sc, system, rnd, workdir, workers)

@@ -87,6 +87,25 @@ class ServerConfig:
     max_errors: int = 20  # protocol errors in one session before 421 4.7.0 and close
     min_free_space: int = 2 * 36700160  # bytes kept free on the spool's filesystem
     shutdown_grace: float = 30.0  # seconds for sessions and deliveries to finish on SIGTERM
+    # SMTP session processes beside the main one; 0: sessions run in the main process.
+    workers: int = 0
+
+
+MAX_WORKERS = 64
+
+
+def _workers(r: _Reader, t: dict[str, Any]) -> int:
+    """``workers``: a count, or "auto" for one per CPU core (0 on a single core)."""
+    value = t.get("workers")
+    if value == "auto":
+        cores = os.cpu_count() or 1
+        return 0 if cores < 2 else min(cores, MAX_WORKERS)
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        r.bad("server.workers", 'an integer or "auto"', value)
+        return 0
+    return r.integer(t, "workers", "server", 0, 0, MAX_WORKERS)
 
 
 @dataclass(frozen=True)
@@ -442,6 +461,7 @@ def _server(r: _Reader, t: dict[str, Any]) -> ServerConfig:
         max_errors=integer("max_errors", 1),
         min_free_space=r.integer(t, "min_free_space", "server", 2 * size, 0),
         shutdown_grace=r.seconds(t, "shutdown_grace", "server", defaults.shutdown_grace),
+        workers=_workers(r, t),
     )
 
 

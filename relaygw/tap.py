@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -12,15 +11,17 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from relaygw.config import Config, ConfigError, ListenerConfig, default_config, load_config
+from relaygw import front
+from relaygw.config import Config, ConfigError, ListenerConfig, load_config
 from relaygw.control import ControlService, socket_path
 from relaygw.delivery.local import MaildirCourier
 from relaygw.delivery.relay import RelayCourier
 from relaygw.dns import Resolver
+from relaygw.front import ConfigHolder, StartupError, load, outer_factory, prepare
+from relaygw.handoff import HandoffListener, WorkerPool
 from relaygw.inbound import ConfiguredPolicy
 from relaygw.listener import ListenError, ListenerService
 from relaygw.logging import configure_twistd
@@ -34,22 +35,10 @@ from relaygw.metrics import (
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.service import SpoolService
 from relaygw.queue.store import Spool
-from relaygw.smtp.auth import Authenticator, UsersFileError, load_users
-from relaygw.smtp.server import ConnectionCounter, ServerSettings, SMTPServerFactory
-from relaygw.smtp.tls import TLSSetupError, ensure_self_signed, server_tls_options
+from relaygw.smtp.auth import Authenticator
+from relaygw.smtp.server import ConnectionCounter, SMTPServerFactory
 
 log = Logger()
-
-
-class StartupError(Exception):
-    """relaygw cannot start; the message says why, naming the config key."""
-
-
-def load(path: str | None) -> Config:
-    """The config at path, or the embedded default under ./relaygw-data."""
-    if path is None:
-        return default_config(Path.cwd() / "relaygw-data")
-    return load_config(path)
 
 
 class Options(usage.Options):
@@ -86,39 +75,6 @@ def makeService(options: Options) -> service.IService:
         raise  # not reached
 
 
-def _tls_options(config: Config) -> Any:
-    if not any(listener.tls != "none" for listener in config.listeners):
-        return None
-    try:
-        if config.tls.certificate is not None:
-            return server_tls_options(config.tls.certificate, config.tls.private_key)
-        cert, key = ensure_self_signed(config.server.spool_dir / "tls", config.server.hostname)
-        log.warn("tls: no [tls] certificate configured; using self-signed {cert}", cert=str(cert))
-        return server_tls_options(cert, key)
-    except TLSSetupError as e:
-        raise StartupError(str(e)) from e
-    except OSError as e:
-        raise StartupError(f"server.spool_dir: cannot create TLS files: {e}") from e
-
-
-def _users(config: Config) -> dict[str, str] | None:
-    if config.auth.users_file is None:
-        return None
-    try:
-        return load_users(config.auth.users_file)
-    except UsersFileError as e:
-        raise StartupError("\n".join(f"auth.users_file: {p}" for p in e.problems)) from e
-    except OSError as e:
-        raise StartupError(f"auth.users_file: cannot read {config.auth.users_file}: "
-                           f"{e.strerror}") from e
-
-
-def _prepare(config: Config) -> tuple[dict[str, str] | None, Any]:
-    """The file work a configuration needs (users, TLS keys): blocking, so at start-up
-    or in a thread, never on the reactor thread of a running daemon."""
-    return _users(config), _tls_options(config)
-
-
 def _endpoint(reactor: Any, listener: ListenerConfig) -> Any:
     endpoint_type = TCP6ServerEndpoint if ":" in listener.host else TCP4ServerEndpoint
     return endpoint_type(reactor, listener.port, interface=listener.host, backlog=511)
@@ -135,16 +91,6 @@ class _ThreadPoolService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
-
-
-class ConfigHolder:
-    """The configuration in force; reload replaces ``current``."""
-
-    def __init__(self, config: Config) -> None:
-        self.current = config
-
-    def __call__(self) -> Config:
-        return self.current
 
 
 class _SequentialService(service.MultiService):
@@ -174,22 +120,6 @@ class _QueueStarter(service.Service):
         super().startService()
         self.manager.load(self.spool_service.recovered)
         self.spool_service.recovered = []
-
-
-def _settings(config: Config, listener: ListenerConfig, tls_options: Any) -> ServerSettings:
-    return ServerSettings(
-        hostname=config.server.hostname,
-        max_message_size=config.server.max_message_size,
-        max_recipients=config.server.max_recipients,
-        max_hops=config.server.max_hops,
-        idle_timeout=config.server.idle_timeout,
-        max_errors=config.server.max_errors,
-        normalize_bare_newlines=config.server.bare_newlines == "normalize",
-        tls_mode=listener.tls,
-        require_tls=listener.require_tls,
-        auth_mode=listener.auth,
-        tls_options=tls_options if listener.tls != "none" else None,
-    )
 
 
 class RelayService(_SequentialService):
@@ -236,10 +166,24 @@ class RelayService(_SequentialService):
         self.policy = ConfiguredPolicy(self.holder, self.spool)
         self.counter = ConnectionCounter(config.server.max_connections,
                                          config.server.max_connections_per_client)
-        self.listeners = service.MultiService()  # stopped together: they drain in parallel
+        self.pool: WorkerPool | None = None
+        self._restarted: Deferred | None = None  # a reload's new workers, until ready
+        if config.server.workers:
+            # Sessions run in worker processes; this process accepts and hands over.
+            # Stop order (last added first): the listening sockets close, then the
+            # workers finish their sessions.
+            self.listeners: service.MultiService = _SequentialService()
+            self.pool = WorkerPool(
+                reactor, config.server.workers,
+                str(config.source_path) if config.source_path is not None else None,
+                frozenset(lc.address for lc in config.listeners), self.counter,
+                self.manager.enqueued, metrics=self.metrics, grace=config.server.shutdown_grace)
+            self.pool.setServiceParent(self.listeners)
+        else:
+            self.listeners = service.MultiService()  # stopped together: they drain in parallel
         self.listeners.setServiceParent(self)
-        self.by_listener: dict[ListenerConfig, ListenerService] = {}
-        self._apply(config, _prepare(config))
+        self.by_listener: dict[ListenerConfig, Any] = {}
+        self._apply(config, prepare(config))
 
     def _oldest_age(self) -> float:
         arrived = [e.stored.envelope.arrived for e in self.manager.entries.values()]
@@ -261,13 +205,16 @@ class RelayService(_SequentialService):
                          if users is not None else None)
         self.counter.max_total = config.server.max_connections
         self.counter.max_per_client = config.server.max_connections_per_client
+        if self.pool is not None:
+            problems, self._restarted = self._apply_workers(config)
+            return problems
         wanted = set(config.listeners)
         for listener in [lc for lc in self.by_listener if lc not in wanted]:
             svc = self.by_listener.pop(listener)
             svc.disownServiceParent()  # stops listening, drains its sessions
             log.info("stopped listening on {address}", address=listener.address)
         for listener in config.listeners:
-            settings = _settings(config, listener, tls_options)
+            settings = front.settings(config, listener, tls_options)
             existing = self.by_listener.get(listener)
             if existing is not None:
                 existing.sessions.settings = settings
@@ -277,10 +224,7 @@ class RelayService(_SequentialService):
                 settings, self.policy, self.spool, authenticator, self.reactor,
                 counter=self.counter, on_queued=self.manager.enqueued,
                 metrics=self.metrics, listener=listener.address)
-            outer: Any = factory
-            if listener.tls == "implicit":
-                outer = TLSMemoryBIOFactory(tls_options, False, factory)
-            outer.noisy = factory.noisy = False
+            outer = outer_factory(factory, listener, tls_options)
             svc = ListenerService(_endpoint(self.reactor, listener), outer, listener.address,
                                   sessions=factory, grace=config.server.shutdown_grace)
             if self.running:  # a listener added by reload binds now
@@ -299,6 +243,36 @@ class RelayService(_SequentialService):
                          index=route.index, template=route.maildir)
         return problems
 
+    def _apply_workers(self, config: Config) -> tuple[list[str], Deferred | None]:
+        """Worker mode: match the listening sockets to ``config``; on a reload, new
+        workers take over with the new configuration."""
+        assert self.pool is not None
+        problems: list[str] = []
+        wanted = set(config.listeners)
+        for listener in [lc for lc in self.by_listener if lc not in wanted]:
+            self.by_listener.pop(listener).disownServiceParent()
+            log.info("stopped listening on {address}", address=listener.address)
+        for listener in config.listeners:
+            if listener in self.by_listener:
+                continue
+            svc = HandoffListener(self.reactor, listener, self.pool)
+            if self.running:
+                try:
+                    svc.bind()
+                except ListenError as e:
+                    problems.append(f"listeners: {e}")
+                    continue
+            self.by_listener[listener] = svc
+            svc.setServiceParent(self.listeners)
+            log.info("listening on {address} tls={tls} auth={auth}",
+                     address=listener.address, tls=listener.tls, auth=listener.auth)
+        self.pool.grace = config.server.shutdown_grace
+        restarted = None
+        if self.running:
+            restarted = self.pool.restart(config.server.workers,
+                                          frozenset(lc.address for lc in config.listeners))
+        return problems, restarted
+
     def reload(self) -> Deferred:
         """Re-read the config file; Deferred[list[str]] of problems (empty: applied)."""
         old = self.holder()
@@ -307,21 +281,37 @@ class RelayService(_SequentialService):
         def read() -> tuple[Config, Any]:
             new = load_config(old.source_path)
             try:
-                return new, _prepare(new)
+                return new, prepare(new)
             except StartupError as e:
                 raise ConfigError(str(e).splitlines()) from e
 
         d = deferToThread(read)
 
-        def loaded(result: tuple[Config, Any]) -> list[str]:
+        def loaded(result: tuple[Config, Any]) -> list[str] | Deferred:
             new, prepared = result
             if new.server.spool_dir != old.server.spool_dir:
                 raise ConfigError(["server.spool_dir: cannot change while running; restart"])
+            if bool(new.server.workers) != bool(old.server.workers):
+                raise ConfigError(["server.workers: cannot change between 0 and more "
+                                   "while running; restart"])
             if (new.metrics, new.log) != (old.metrics, old.log):
                 log.warn("reload: [metrics] and [log] changes take effect at the next restart")
             self.holder.current = new
+            self._restarted = None
             problems = self._apply(new, prepared)
             self.relay.reconfigured(self._resolver(new))
+            if self._restarted is None:
+                return applied(problems, new)
+            # Worker mode: the new configuration is in force once its workers are ready.
+            return self._restarted.addCallback(workers_started, problems, new)
+
+        def workers_started(ok: bool, problems: list[str], new: Config) -> list[str]:
+            if not ok:
+                problems = [*problems, "server.workers: a new worker process did not start "
+                            "(see the log); the previous workers keep serving sessions"]
+            return applied(problems, new)
+
+        def applied(problems: list[str], new: Config) -> list[str]:
             for problem in problems:
                 log.error("reload: {problem}", problem=problem)
             log.info("reload: {path} applied", path=str(new.source_path))
