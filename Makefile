@@ -38,8 +38,11 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The daemon-level suites run a second time with everything in one process
+# ([server] workers = 0); the first run uses the default, one worker per core.
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest
+	RELAYGW_TEST_WORKERS=0 $(BIN)/python -m pytest -q tests/integration tests/reliability tests/interop
 
 bench: $(STAMP) system-deps
 	$(BIN)/python benchmarks/run.py

@@ -88,6 +88,7 @@ class ServerConfig:
     min_free_space: int = 2 * 36700160  # bytes kept free on the spool's filesystem
     shutdown_grace: float = 30.0  # seconds for sessions and deliveries to finish on SIGTERM
     # SMTP session processes beside the main one; 0: sessions run in the main process.
+    # The config file's default is "auto" (one per core); see _workers.
     workers: int = 0
 
 
@@ -96,12 +97,12 @@ MAX_WORKERS = 64
 
 def _workers(r: _Reader, t: dict[str, Any]) -> int:
     """``workers``: a count, or "auto" for one per CPU core (0 on a single core)."""
-    value = t.get("workers")
+    value = t.get("workers", "auto")
     if value == "auto":
-        cores = os.cpu_count() or 1
+        # The cores this process may run on (a container's cpuset), not the machine's.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
         return 0 if cores < 2 else min(cores, MAX_WORKERS)
-    if value is None:
-        return 0
     if isinstance(value, str):
         r.bad("server.workers", 'an integer or "auto"', value)
         return 0

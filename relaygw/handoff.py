@@ -260,7 +260,8 @@ class WorkerPool(service.Service):
     def __init__(self, reactor: Any, count: int, config_path: str | None,
                  addresses: frozenset[str], counter: ConnectionCounter,
                  on_queued: Callable[[StoredMessage], None], metrics: Any = None,
-                 grace: float = 30.0, command: list[str] | None = None) -> None:
+                 grace: float = 30.0, command: list[str] | None = None,
+                 log_format: str | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.addresses = addresses
@@ -270,6 +271,7 @@ class WorkerPool(service.Service):
         self.metrics = metrics if metrics is not None else NullMetrics()
         self.grace = grace
         self.command = command or [sys.executable, "-m", "relaygw.worker"]
+        self.log_format = log_format  # set: workers write their log lines to our stdout
         self.listeners: set[HandoffListener] = set()
         self.workers: list[_Worker] = []
         self.generation = 0
@@ -323,6 +325,8 @@ class WorkerPool(service.Service):
             args = [*self.command, "--index", str(index), "--fd", "3"]
             if self.config_path is not None:
                 args += ["--config", self.config_path]
+            if self.log_format is not None:
+                args += ["--log-stdout", self.log_format]
             worker.process = self.reactor.spawnProcess(
                 _WorkerProcess(worker), self.command[0], args, env=dict(os.environ),
                 childFDs={1: 1, 2: 2, 3: worker_end.fileno()})

@@ -54,8 +54,20 @@ class Options(usage.Options):
             self.config = load(self["config"])
         except ConfigError as e:
             _refuse_to_start(e.problems)
-        configure_twistd(self.parent if self.parent is not None else {},
-                         self["log-format"] or self.config.log.format)
+        server_options = self.parent if self.parent is not None else {}
+        log_format = self["log-format"] or self.config.log.format
+        configure_twistd(server_options, log_format)
+        self.worker_log = log_format if _logs_to_stdout(server_options) else None
+
+
+def _logs_to_stdout(server_options: Any) -> bool:
+    """Whether twistd writes the log to standard output, where worker processes can
+    write their own lines (they inherit it) instead of sending them here to format."""
+    logfile = server_options.get("logfile")
+    logger = server_options.get("logger")
+    if server_options.get("syslog") or (logger and not logger.startswith("relaygw.logging.")):
+        return False
+    return logfile == "-" or (bool(server_options.get("nodaemon")) and not logfile)
 
 
 def _refuse_to_start(problems: list[str]) -> None:
@@ -69,7 +81,8 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     try:
-        return build_service(options.config, reactor)
+        return build_service(options.config, reactor,
+                             worker_log=getattr(options, "worker_log", None))
     except StartupError as e:
         _refuse_to_start(str(e).splitlines())
         raise  # not reached
@@ -125,7 +138,7 @@ class _QueueStarter(service.Service):
 class RelayService(_SequentialService):
     """The whole daemon: spool, queue, couriers, listeners; reloadable."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, worker_log: str | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.holder = ConfigHolder(config)
@@ -177,7 +190,8 @@ class RelayService(_SequentialService):
                 reactor, config.server.workers,
                 str(config.source_path) if config.source_path is not None else None,
                 frozenset(lc.address for lc in config.listeners), self.counter,
-                self.manager.enqueued, metrics=self.metrics, grace=config.server.shutdown_grace)
+                self.manager.enqueued, metrics=self.metrics, grace=config.server.shutdown_grace,
+                log_format=worker_log)
             self.pool.setServiceParent(self.listeners)
         else:
             self.listeners = service.MultiService()  # stopped together: they drain in parallel
@@ -335,7 +349,10 @@ class RelayService(_SequentialService):
     install_signals = False
 
 
-def build_service(config: Config, reactor: Any, install_signals: bool = True) -> RelayService:
-    relay = RelayService(config, reactor)
+def build_service(config: Config, reactor: Any, install_signals: bool = True,
+                  worker_log: str | None = None) -> RelayService:
+    """``worker_log``: the log format when the log goes to standard output (worker
+    processes then write their lines there themselves); None: they send them here."""
+    relay = RelayService(config, reactor, worker_log)
     relay.install_signals = install_signals
     return relay

@@ -46,6 +46,7 @@ from zope.interface import implementer
 from relaygw import front
 from relaygw.config import Config, ConfigError
 from relaygw.inbound import ConfiguredPolicy
+from relaygw.logging import FORMATS, observer_for
 from relaygw.metrics import NullMetrics
 from relaygw.queue.service import FREE_SPACE_INTERVAL
 from relaygw.queue.store import Spool, StoredMessage
@@ -171,6 +172,19 @@ class _ForwardLog:
             self.channel.send(b"L", encode_event(event))
         else:  # before the channel is up or after it is gone: stderr, as a last resort
             sys.stderr.write(encode_event(event).decode() + "\n")
+
+
+@implementer(ILogObserver)
+class _Tagged:
+    """Adds the worker's index to each event (a field in JSON lines)."""
+
+    def __init__(self, observer: ILogObserver, index: int) -> None:
+        self.observer = observer
+        self.index = index
+
+    def __call__(self, event: LogEvent) -> None:
+        event["worker"] = self.index
+        self.observer(event)
 
 
 class Worker:
@@ -332,10 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--fd", type=int, default=CHANNEL_FD)
+    parser.add_argument("--log-stdout", choices=FORMATS, default=None,
+                        help="write log lines to standard output (shared with the main "
+                             "process) in this format, instead of sending them to it")
     args = parser.parse_args(argv)
     _die_with_parent(os.getppid())
     logger = _ForwardLog()
-    globalLogBeginner.beginLoggingTo([logger], discardBuffer=True, redirectStandardIO=False)
+    observer: ILogObserver = logger
+    if args.log_stdout is not None:
+        observer = _Tagged(observer_for(args.log_stdout, sys.stdout), args.index)
+    globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)
     try:
         config = front.load(args.config)
     except ConfigError as e:

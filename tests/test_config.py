@@ -1042,3 +1042,24 @@ def test_verify_without_any_trust_store_warns(tmp_path, monkeypatch):
                            "smarthosts": {"up": {"hosts": ["192.0.2.1"]}}}, tmp_path)
     assert config.warnings == (
         'smarthosts.up.tls: "verify" needs a trust store: set ca_file (no system CA store found)',)
+
+
+def test_workers_default_is_one_per_usable_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert parse(LISTENER).server.workers == 3
+    assert parse(LISTENER + '[server]\nworkers = "auto"\n').server.workers == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert parse(LISTENER).server.workers == 0  # one core: everything in one process
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(100)))
+    assert parse(LISTENER).server.workers == 64
+
+
+def test_workers_explicit_counts_and_errors() -> None:
+    assert parse(LISTENER + "[server]\nworkers = 0\n").server.workers == 0
+    assert parse(LISTENER + "[server]\nworkers = 5\n").server.workers == 5
+    assert problems(LISTENER + '[server]\nworkers = "many"\n') == [
+        'server.workers: must be an integer or "auto" (got "many")']
+    assert problems(LISTENER + "[server]\nworkers = 65\n") == [
+        "server.workers: must be between 0 and 64 (got 65)"]
+    assert problems(LISTENER + "[server]\nworkers = true\n") == [
+        "server.workers: must be an integer (got true)"]

@@ -74,8 +74,8 @@ class Daemon:
             body += '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 1.0\n'
         workers = os.environ.get("RELAYGW_TEST_WORKERS")
         if workers and "workers" not in server_extra:
-            # The whole integration suite runs once more with the sessions in worker
-            # processes (make test does this): both modes must pass the same tests.
+            # make test runs the daemon-level suites twice: with the default
+            # (workers = "auto") and with RELAYGW_TEST_WORKERS=0 (one process).
             server_extra += f"workers = {workers}\n"
         text = (f'[server]\nhostname = "relay.test"\nspool_dir = "{self.spool}"\n{server_extra}'
                 f'[tls]\ncertificate = "{self.cert}"\nprivate_key = "{self.key}"\n'
