@@ -426,11 +426,14 @@ class WorkerPool(service.Service):
 
     # -- connections ------------------------------------------------------------
 
+    def serves(self, address: str) -> bool:
+        """Whether a ready worker takes clients of the listener at ``address``."""
+        return any(w.accepting and address in w.addresses for w in self.workers)
+
     def update_reading(self) -> None:
         """Read a listening socket only while a worker can take its clients."""
         for listener in self.listeners:
-            if not self._stopping and any(w.accepting and listener.address in w.addresses
-                                          for w in self.workers):
+            if not self._stopping and self.serves(listener.address):
                 listener.resume()
             else:
                 listener.pause()

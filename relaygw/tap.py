@@ -206,7 +206,13 @@ class RelayService(_SequentialService):
     def _listeners_down(self) -> list[str]:
         if not self.by_listener:
             return ["no listener"]
-        return [svc.address for svc in self.by_listener.values() if svc.port is None]
+        down = [svc.address for svc in self.by_listener.values() if svc.port is None]
+        if self.pool is not None:
+            # A bound socket nobody serves is not listening in any useful sense.
+            down += [f"{svc.address} (no SMTP worker ready)"
+                     for svc in self.by_listener.values()
+                     if svc.port is not None and not self.pool.serves(svc.address)]
+        return down
 
     def _resolver(self, config: Config) -> Resolver:
         return Resolver(self.reactor, self.dns_pool, config.dns.nameservers, config.dns.timeout)
