@@ -17,6 +17,7 @@ sockets are not read: the kernel's backlog holds new clients until one is.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -154,6 +155,10 @@ class _WorkerChannel(LineOnlyReceiver):
     def __init__(self, worker: _Worker) -> None:
         self.worker = worker
 
+    def connectionMade(self) -> None:
+        # The first line a worker reads: the configuration it is to serve.
+        self.transport.write(b"K " + base64.b64encode(self.worker.snapshot) + b"\n")
+
     def lineReceived(self, line: bytes) -> None:
         try:
             self.worker.received(line)
@@ -196,11 +201,12 @@ class _Worker:
     """The main process's record of one worker process."""
 
     def __init__(self, pool: WorkerPool, index: int, generation: int,
-                 addresses: frozenset[str]) -> None:
+                 addresses: frozenset[str], snapshot: bytes) -> None:
         self.pool = pool
         self.index = index
         self.generation = generation
         self.addresses = addresses  # the listeners its configuration has
+        self.snapshot = snapshot  # its generation's configuration (see WorkerPool)
         self.channel: _WorkerChannel | None = None
         self.process: Any = None
         self.pid: int | None = None
@@ -257,15 +263,17 @@ class _Worker:
 class WorkerPool(service.Service):
     """Starts, feeds, restarts and stops the SMTP worker processes."""
 
-    def __init__(self, reactor: Any, count: int, config_path: str | None,
-                 addresses: frozenset[str], counter: ConnectionCounter,
+    def __init__(self, reactor: Any, count: int, addresses: frozenset[str],
+                 counter: ConnectionCounter,
                  on_queued: Callable[[StoredMessage], None], metrics: Any = None,
                  grace: float = 30.0, command: list[str] | None = None,
                  log_format: str | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.addresses = addresses
-        self.config_path = config_path
+        # What workers start with: the configuration in force and the users it
+        # read, never the file on disk, which may have changed since.
+        self.snapshot = b""
         self.counter = counter
         self.on_queued = on_queued
         self.metrics = metrics if metrics is not None else NullMetrics()
@@ -301,12 +309,13 @@ class WorkerPool(service.Service):
             self._spawn(index, self.generation)
         return ready
 
-    def restart(self, count: int, addresses: frozenset[str]) -> Deferred:
+    def restart(self, count: int, addresses: frozenset[str], snapshot: bytes) -> Deferred:
         """New workers with the configuration now in force; the old ones finish
         their sessions once the new ones are all ready (see worker_ready).
         Deferred[bool] as for _start_generation."""
         self.count = count
         self.addresses = addresses
+        self.snapshot = snapshot
         for call in self._respawns.values():
             if call.active():
                 call.cancel()
@@ -319,12 +328,10 @@ class WorkerPool(service.Service):
             ready.callback(ok)
 
     def _spawn(self, index: int, generation: int) -> None:
-        worker = _Worker(self, index, generation, self.addresses)
+        worker = _Worker(self, index, generation, self.addresses, self.snapshot)
         main_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             args = [*self.command, "--index", str(index), "--fd", "3"]
-            if self.config_path is not None:
-                args += ["--config", self.config_path]
             if self.log_format is not None:
                 args += ["--log-stdout", self.log_format]
             worker.process = self.reactor.spawnProcess(
@@ -358,7 +365,7 @@ class WorkerPool(service.Service):
         worker.send(b"D" if drain else b"R")
 
     def worker_ended(self, worker: _Worker, reason: Failure) -> None:
-        worker.ready = False
+        was_ready, worker.ready = worker.ready, False
         if worker in self.workers:
             self.workers.remove(worker)
         worker.release_all()
@@ -376,7 +383,7 @@ class WorkerPool(service.Service):
         worker.exited.callback(None)
         self.update_reading()
         if not expected and worker.generation == self.generation:
-            if not worker.ready:
+            if not was_ready:
                 self._generation_done(False)
             self._schedule_respawn(worker)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import signal
 import sys
 from typing import Any
@@ -188,7 +189,6 @@ class RelayService(_SequentialService):
             self.listeners: service.MultiService = _SequentialService()
             self.pool = WorkerPool(
                 reactor, config.server.workers,
-                str(config.source_path) if config.source_path is not None else None,
                 frozenset(lc.address for lc in config.listeners), self.counter,
                 self.manager.enqueued, metrics=self.metrics, grace=config.server.shutdown_grace,
                 log_format=worker_log)
@@ -226,7 +226,7 @@ class RelayService(_SequentialService):
         self.counter.max_total = config.server.max_connections
         self.counter.max_per_client = config.server.max_connections_per_client
         if self.pool is not None:
-            problems, self._restarted = self._apply_workers(config)
+            problems, self._restarted = self._apply_workers(config, users)
             return problems
         wanted = set(config.listeners)
         for listener in [lc for lc in self.by_listener if lc not in wanted]:
@@ -263,7 +263,8 @@ class RelayService(_SequentialService):
                          index=route.index, template=route.maildir)
         return problems
 
-    def _apply_workers(self, config: Config) -> tuple[list[str], Deferred | None]:
+    def _apply_workers(self, config: Config, users: dict[str, str] | None,
+                       ) -> tuple[list[str], Deferred | None]:
         """Worker mode: match the listening sockets to ``config``; on a reload, new
         workers take over with the new configuration."""
         assert self.pool is not None
@@ -287,10 +288,13 @@ class RelayService(_SequentialService):
             log.info("listening on {address} tls={tls} auth={auth}",
                      address=listener.address, tls=listener.tls, auth=listener.auth)
         self.pool.grace = config.server.shutdown_grace
+        snapshot = pickle.dumps((config, users), protocol=pickle.HIGHEST_PROTOCOL)
+        addresses = frozenset(lc.address for lc in config.listeners)
         restarted = None
         if self.running:
-            restarted = self.pool.restart(config.server.workers,
-                                          frozenset(lc.address for lc in config.listeners))
+            restarted = self.pool.restart(config.server.workers, addresses, snapshot)
+        else:
+            self.pool.snapshot = snapshot
         return problems, restarted
 
     def reload(self) -> Deferred:

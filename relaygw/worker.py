@@ -11,7 +11,9 @@ start-up finds it, as after any crash.
 The channel to the main process is a UNIX stream socket (fd 3), one line a
 message (see ``relaygw.handoff`` for the main process's side):
 
-    main -> worker   ``C <id> <listener> <family>`` with the client socket attached
+    main -> worker   ``K <base64 pickle>`` first: the configuration (and users) to serve,
+                     the main process's, not the file on disk, which may have changed
+                     ``C <id> <listener> <family>`` with the client socket attached
                      ``R`` retire (after a reload): take no more, exit when the
                      sessions have ended; ``D`` drain (shutdown): finish the
                      transactions within the grace, then exit
@@ -24,9 +26,11 @@ message (see ``relaygw.handoff`` for the main process's side):
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
 import json
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -44,7 +48,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from relaygw import front
-from relaygw.config import Config, ConfigError
+from relaygw.config import Config
 from relaygw.inbound import ConfiguredPolicy
 from relaygw.logging import FORMATS, observer_for
 from relaygw.metrics import NullMetrics
@@ -140,7 +144,9 @@ class _Channel(LineOnlyReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         kind, _, rest = line.partition(b" ")
-        if kind == b"C":
+        if kind == b"K":
+            self.worker.configure(base64.b64decode(rest))
+        elif kind == b"C":
             conn_id, listener, family = rest.split(b" ")
             fd = self.fds.popleft() if self.fds else -1
             self.worker.adopt(int(conn_id), listener.decode(), int(family), fd)
@@ -190,31 +196,43 @@ class _Tagged:
 class Worker:
     """One worker's sessions, spool writer and channel."""
 
-    def __init__(self, config: Config, index: int, reactor: Any, logger: _ForwardLog) -> None:
-        self.config = config
+    def __init__(self, index: int, reactor: Any, logger: _ForwardLog) -> None:
         self.index = index
         self.reactor = reactor
         self.logger = logger
+        self.config: Config | None = None
         self.channel: _Channel | None = None
         self.draining = False
         self.retiring = False
+        self.exit_code = 0
         self._exited = False
         self.factories: dict[str, tuple[_HandedSessions, Any]] = {}
         self.spool_pool = ThreadPool(minthreads=2, maxthreads=16, name="relaygw-spool")
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="relaygw-auth")
-        self.spool = Spool(config.server.spool_dir, reactor, self.spool_pool)
         self._free_space = LoopingCall(self._refresh_free_space)
         self._free_space.clock = reactor
 
     def start(self, channel_fd: int) -> None:
-        """Connect to the main process, build the sessions, then say ready.
-
-        The channel comes first so that even start-up problems reach the log.
-        """
+        """Connect to the main process; its first message is the configuration."""
         self.reactor.adoptStreamConnection(channel_fd, socket.AF_UNIX, _ChannelFactory(self))
         os.close(channel_fd)
-        config = self.config
-        users, tls = front.prepare(config, announce=False)
+
+    def configure(self, snapshot: bytes) -> None:
+        """Build the sessions for the main process's configuration, then say ready."""
+        if self.config is not None:
+            return
+        # From our parent over our own socketpair: trusted as the parent is.
+        config, users = pickle.loads(snapshot)  # noqa: S301
+        self.config = config
+        try:
+            tls = front.tls_options(config, announce=False)
+        except front.StartupError as e:
+            log.error("worker {index} cannot start: {error}", index=self.index, error=str(e))
+            self.exit_code = 2
+            self.draining = True
+            self._exit()
+            return
+        self.spool = Spool(config.server.spool_dir, self.reactor, self.spool_pool)
         authenticator = (Authenticator(users, self.auth_pool, self.reactor)
                          if users is not None else None)
         policy = ConfiguredPolicy(lambda: config, self.spool)
@@ -287,7 +305,7 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        grace = self.config.server.shutdown_grace
+        grace = self.config.server.shutdown_grace if self.config is not None else 0.0
         done = [factory.drain(grace) for factory, _ in self.factories.values()]
         DeferredList(done, consumeErrors=True).addBoth(lambda _: self._exit())
 
@@ -343,7 +361,6 @@ def _die_with_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relaygw-worker",
                                      description="relaygw SMTP worker (started by relaygw)")
-    parser.add_argument("--config", default=None)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--fd", type=int, default=CHANNEL_FD)
     parser.add_argument("--log-stdout", choices=FORMATS, default=None,
@@ -356,28 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_stdout is not None:
         observer = _Tagged(observer_for(args.log_stdout, sys.stdout), args.index)
     globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)
-    try:
-        config = front.load(args.config)
-    except ConfigError as e:
-        print("relaygw worker: invalid configuration: " + "; ".join(e.problems), file=sys.stderr)
-        return 2
     from twisted.internet import reactor
 
-    worker = Worker(config, args.index, reactor, logger)
+    worker = Worker(args.index, reactor, logger)
     # The main process decides about reloads; a terminal's signals to the whole
     # process group mean "stop", which for a worker is: finish the sessions.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: reactor.callFromThread(worker.drain))
-    try:
-        worker.start(args.fd)
-    except front.StartupError as e:
-        # The reactor is not running, so the channel cannot carry this: stderr is
-        # the main process's, and the main process logs the exit.
-        print(f"relaygw worker {args.index}: cannot start: {e}", file=sys.stderr)
-        return 2
+    worker.start(args.fd)
     reactor.run(installSignalHandlers=False)
-    return 0
+    return worker.exit_code
 
 
 if __name__ == "__main__":
