@@ -181,14 +181,21 @@ class _ForwardLog:
 
 
 @implementer(ILogObserver)
-class _Tagged:
-    """Adds the worker's index to each event (a field in JSON lines)."""
+class _Direct:
+    """Writes log lines to the standard output shared with the main process, tagged
+    with the worker's index (a field in JSON lines). Lines with a traceback can be
+    longer than a pipe writes in one piece (PIPE_BUF), so those go to the main
+    process, which writes them whole."""
 
-    def __init__(self, observer: ILogObserver, index: int) -> None:
+    def __init__(self, observer: ILogObserver, index: int, forward: _ForwardLog) -> None:
         self.observer = observer
         self.index = index
+        self.forward = forward
 
     def __call__(self, event: LogEvent) -> None:
+        if "log_failure" in event and self.forward.channel is not None:
+            self.forward(event)
+            return
         event["worker"] = self.index
         self.observer(event)
 
@@ -371,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     logger = _ForwardLog()
     observer: ILogObserver = logger
     if args.log_stdout is not None:
-        observer = _Tagged(observer_for(args.log_stdout, sys.stdout), args.index)
+        observer = _Direct(observer_for(args.log_stdout, sys.stdout), args.index, logger)
     globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)
     from twisted.internet import reactor
 
