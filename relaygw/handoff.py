@@ -267,7 +267,8 @@ class WorkerPool(service.Service):
                  counter: ConnectionCounter,
                  on_queued: Callable[[StoredMessage], None], metrics: Any = None,
                  grace: float = 30.0, command: list[str] | None = None,
-                 log_format: str | None = None) -> None:
+                 log_format: str | None = None,
+                 on_worker_died: Callable[[], None] | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.addresses = addresses
@@ -280,6 +281,7 @@ class WorkerPool(service.Service):
         self.grace = grace
         self.command = command or [sys.executable, "-m", "relaygw.worker"]
         self.log_format = log_format  # set: workers write their log lines to our stdout
+        self.on_worker_died = on_worker_died
         self.listeners: set[HandoffListener] = set()
         self.workers: list[_Worker] = []
         self.generation = 0
@@ -382,6 +384,8 @@ class WorkerPool(service.Service):
                       code=code, signal=signal_number, event="worker_died")
         worker.exited.callback(None)
         self.update_reading()
+        if not expected and self.on_worker_died is not None:
+            self.on_worker_died()
         if not expected and worker.generation == self.generation:
             if not was_ready:
                 self._generation_done(False)

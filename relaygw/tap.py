@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import sys
+import time
 from typing import Any
 
 from twisted.application import service
@@ -35,11 +37,15 @@ from relaygw.metrics import (
 )
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.service import SpoolService
-from relaygw.queue.store import Spool
+from relaygw.queue.store import STATE_SUFFIX, Spool
 from relaygw.smtp.auth import Authenticator
 from relaygw.smtp.server import ConnectionCounter, SMTPServerFactory
 
 log = Logger()
+
+# Seconds after which a spool file no queue entry knows of, found after a worker
+# died, is taken as stranded: a live worker reports its messages within moments.
+STRANDED_AFTER = 30.0
 
 
 class Options(usage.Options):
@@ -182,6 +188,7 @@ class RelayService(_SequentialService):
                                          config.server.max_connections_per_client)
         self.pool: WorkerPool | None = None
         self._restarted: Deferred | None = None  # a reload's new workers, until ready
+        self._rescan: Any = None
         if config.server.workers:
             # Sessions run in worker processes; this process accepts and hands over.
             # Stop order (last added first): the listening sockets close, then the
@@ -191,13 +198,56 @@ class RelayService(_SequentialService):
                 reactor, config.server.workers,
                 frozenset(lc.address for lc in config.listeners), self.counter,
                 self.manager.enqueued, metrics=self.metrics, grace=config.server.shutdown_grace,
-                log_format=worker_log)
+                log_format=worker_log, on_worker_died=self._worker_died)
             self.pool.setServiceParent(self.listeners)
         else:
             self.listeners = service.MultiService()  # stopped together: they drain in parallel
         self.listeners.setServiceParent(self)
         self.by_listener: dict[ListenerConfig, Any] = {}
         self._apply(config, prepare(config))
+
+    def _worker_died(self) -> None:
+        """A worker killed between its spool commit and its report leaves a message
+        no one queued (its client got no 250 and will send again, but the copy must
+        still go out, as after a crash). Look for such files once every report that
+        was on its way must have arrived."""
+        if self._rescan is None or not self._rescan.active():
+            self._rescan = self.reactor.callLater(STRANDED_AFTER + 1.0, self._find_stranded)
+
+    def _find_stranded(self) -> None:
+        known = set(self.manager.entries)
+        cutoff = time.time() - STRANDED_AFTER
+
+        def scan() -> list[str]:
+            found = []
+            for entry in os.scandir(self.spool.queue_dir):
+                name = entry.name
+                if name.endswith(STATE_SUFFIX) or name in known:
+                    continue
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        found.append(name)
+                except FileNotFoundError:  # delivered and removed meanwhile
+                    continue
+            return found
+
+        def load(ids: list[str]) -> None:
+            for queue_id in ids:
+                self.spool.load(queue_id).addCallbacks(queue, skip, errbackArgs=(queue_id,))
+
+        def queue(stored: Any) -> None:
+            if stored.envelope.queue_id in self.manager.entries or not self.manager.running:
+                return
+            log.warn("queued {queue_id}, which a worker stored but did not report before "
+                     "it died", queue_id=stored.envelope.queue_id, event="recovered")
+            self.manager.enqueued(stored)
+
+        def skip(failure: Any, queue_id: str) -> None:
+            if not failure.check(FileNotFoundError):
+                log.failure("spool: cannot read {queue_id}", failure, queue_id=queue_id)
+
+        self.spool.run(scan).addCallbacks(
+            load, lambda f: log.failure("spool: cannot scan for unreported messages", f))
 
     def _oldest_age(self) -> float:
         arrived = [e.stored.envelope.arrived for e in self.manager.entries.values()]

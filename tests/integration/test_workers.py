@@ -597,3 +597,29 @@ def test_a_replacement_worker_serves_the_configuration_in_force(daemon):
     assert replies == {survivor: b"250 2.1.5 Recipient <x@a.example> OK\r\n",
                        replacement: b"250 2.1.5 Recipient <x@a.example> OK\r\n"}, (
         "the replacement worker read the edited, not reloaded, configuration file")
+
+
+def test_a_message_stored_but_not_reported_by_a_dead_worker_is_still_delivered(daemon, capture):
+    """A worker killed between its spool commit and its report to the main process
+    leaves a queue file nobody queued; after a worker dies the main process looks
+    for such files (older than 30 s, so reports on their way have arrived)."""
+    from relaygw.queue.envelope import Envelope, EnvelopeRecipient
+    from relaygw.queue.store import MAGIC
+
+    sink = capture()
+    daemon.start(smarthost_to(sink.port), server_extra=WORKERS)
+    pids = wait_until(lambda: len(w := worker_pids(daemon)) == 2 and w)
+    queue_id = "1A0000000000ABCDE"
+    envelope = Envelope(queue_id, "a@local.example", (EnvelopeRecipient("b@remote.example"),),
+                        time.time() - 60, client_ip="127.0.0.1")
+    header = envelope.to_json()
+    content = b"Subject: stranded\r\n\r\nbody\r\n"
+    path = daemon.spool / "queue" / queue_id
+    path.write_bytes(MAGIC + b"%d\n" % len(header) + header + b"\n" + content)
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    os.kill(min(pids), signal.SIGKILL)
+    ((mail_from, rcpts, delivered),) = sink.wait_for(1, timeout=45)
+    assert (mail_from, rcpts, delivered) == ("a@local.example", ["b@remote.example"], content)
+    assert wait_until(lambda: daemon.queued() == [])
+    assert (f"queued {queue_id}, which a worker stored but did not report before it died"
+            in daemon.logs())
