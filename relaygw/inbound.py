@@ -49,7 +49,10 @@ class ConfiguredPolicy:
                                client_ip=session.client_ip,
                                authenticated=session.auth_user is not None)
         first_reject = None
-        for target in expand_aliases(str(rcpt.address), config.aliases):
+        address = str(rcpt.address)
+        # Without aliases the expansion is the address itself: skip the table build.
+        targets = expand_aliases(address, config.aliases) if config.aliases else [address]
+        for target in targets:
             route = route_recipient(target, context, config)
             if not route.is_reject:
                 return None

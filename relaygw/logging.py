@@ -22,8 +22,10 @@ or let ``[log] format`` / ``--log-format`` choose: the plugin's options call
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import string
 import sys
 import time
 from collections.abc import Mapping, MutableMapping
@@ -35,7 +37,8 @@ from twisted.logger import (
     ILogObserver,
     LogEvent,
     formatEvent,
-    textFileLogObserver,
+    formatEventAsClassicLogText,
+    formatTime,
 )
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -54,6 +57,7 @@ _LEGACY_KEYS = frozenset(("message", "time", "system", "isError", "format", "why
                           "logLevel", "printed"))
 
 
+@functools.lru_cache(maxsize=4096)  # field names repeat: every event asks about each
 def is_secret(name: str) -> bool:
     lowered = name.lower()
     return any(word in lowered for word in SECRET_WORDS)
@@ -69,6 +73,97 @@ def _masked(event: LogEvent) -> LogEvent:
     if not any(is_secret(key) for key in event):
         return event
     return {key: REDACTED if is_secret(key) else value for key, value in event.items()}
+
+
+# -- formatting: Twisted's output, faster ------------------------------------------------------
+#
+# twisted.logger formats every event through string.Formatter with a wrapper object
+# per field, which costs more than the rest of logging a line. The formats relaygw
+# logs are plain "{name}" fields, so each format string is parsed once and such
+# events are formatted directly; anything else ("{a.b}", "{f()}", "{x:>5}",
+# conversions, missing fields, failures) is left to Twisted. Either way the text
+# is exactly Twisted's (the tests compare the two).
+
+_PARSED_LIMIT = 512  # distinct format strings kept parsed (relaygw has a few dozen)
+_Parsed = tuple[tuple[str, str | None], ...]
+_parsed: dict[str, _Parsed | None] = {}
+
+
+def _parse(log_format: str) -> _Parsed | None:
+    """(literal, field name or None) pairs, or None when a field is not a plain name."""
+    try:
+        parts = list(string.Formatter().parse(log_format))
+    except ValueError:
+        return None
+    out = []
+    for literal, name, spec, conversion in parts:
+        if name is not None and (not name.isidentifier() or spec or conversion):
+            return None
+        out.append((literal, name))
+    return tuple(out)
+
+
+def format_event(event: LogEvent) -> str:
+    """What ``twisted.logger.formatEvent`` returns for ``event``."""
+    log_format = event.get("log_format")
+    if type(log_format) is not str or "log_flattened" in event:
+        return formatEvent(event)
+    if log_format in _parsed:
+        parsed = _parsed[log_format]
+    else:
+        parsed = _parse(log_format)
+        if len(_parsed) < _PARSED_LIMIT:
+            _parsed[log_format] = parsed
+    if parsed is None:
+        return formatEvent(event)
+    pieces = []
+    try:
+        for literal, name in parsed:
+            pieces.append(literal)
+            if name is not None:
+                pieces.append(format(event[name], ""))
+    except BaseException:  # a missing field, a value that cannot format: Twisted's text
+        return formatEvent(event)
+    return "".join(pieces)
+
+
+_stamp: tuple[int, str] = (-1, "")
+
+
+def _format_time(when: float | None) -> str:
+    """``twisted.logger.formatTime`` in its default format (RFC 3339, whole seconds),
+    computed once per second."""
+    global _stamp
+    if when is None:
+        return "-"
+    second = int(when)
+    # Near the end of a second, fromtimestamp may round up into the next one.
+    if when < 0 or when - second >= 0.999999:
+        return formatTime(when)
+    if _stamp[0] != second:
+        _stamp = (second, formatTime(when))
+    return _stamp[1]
+
+
+def classic_text(event: LogEvent) -> str | None:
+    """What ``textFileLogObserver`` writes for ``event``: ``"{time} [{system}] {message}"``
+    and a newline, continuation lines indented with a tab."""
+    if "log_failure" in event:
+        return formatEventAsClassicLogText(event, formatTime=formatTime)
+    text = format_event(event)
+    if not text:
+        return None
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+    else:
+        try:
+            system = str(system)
+        except Exception:
+            system = "UNFORMATTABLE"
+    line = f"{_format_time(event.get('log_time'))} [{system}] {text}"
+    return line.replace("\n", "\n\t") + "\n"
 
 
 def _plain(value: Any) -> bool:
@@ -90,7 +185,7 @@ def event_as_dict(event: LogEvent) -> dict[str, Any]:
         "level": getattr(level, "name", "info"),
         "namespace": event.get("log_namespace") or "-",
         "event": kind if isinstance(kind, str) and kind else "log",
-        "message": formatEvent(event),
+        "message": format_event(event),
     }
     legacy = "isError" in event and isinstance(event.get("message"), tuple)
     for key, value in event.items():
@@ -138,7 +233,7 @@ def observer_for(format: str, stream: IO[Any]) -> ILogObserver:
     if format == "json":
         return json_observer(stream)
     if format == "text":
-        return _Redacting(textFileLogObserver(stream))
+        return _Redacting(FileLogObserver(stream, classic_text))
     raise ValueError(f"log format must be one of {', '.join(FORMATS)} (got {format!r})")
 
 

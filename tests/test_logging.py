@@ -389,3 +389,80 @@ def test_configure_twistd_through_twistds_own_option_parsing(argv: list[str],
         assert chosen is getattr(relaygw.logging, factory)
     with pytest.raises(usage.UsageError, match="JSON logs cannot go to --syslog"):
         ServerOptions().parseOptions(["--syslog", "relaygw", "--log-format", "json"])
+
+
+# -- the fast formatting is Twisted's formatting ---------------------------------------------
+
+class _Odd:
+    def __format__(self, spec: str) -> str:
+        return f"odd<{spec}>"
+
+
+class _Broken:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+    __format__ = object.__format__
+
+
+def _failure() -> Any:
+    from twisted.python.failure import Failure
+
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        return Failure()
+
+
+FORMAT_CASES = [
+    {"log_format": "accepted id={queue_id} from=<{sender}> size={size} tls={tls}",
+     "queue_id": "Q1", "sender": "", "size": 12, "tls": None},
+    {"log_format": "no fields at all"},
+    {"log_format": ""},
+    {"log_format": "{{braces}} {x} }}{{", "x": 1.5},
+    {"log_format": "multi\nline {x}\nend", "x": "a\nb"},
+    {"log_format": "{missing} here"},
+    {"log_format": "{x!r} {y:>5} {z.real} {f()} {0}", "x": "a", "y": 7, "z": 3, "f": lambda: 9},
+    {"log_format": "{x}", "x": _Odd()},
+    {"log_format": "{x}", "x": _Broken()},
+    {"log_format": "unbalanced {x"},
+    {"log_format": b"bytes {x}", "x": 1},
+    {"log_format": 5},
+    {"log_format": "x", "log_failure": _failure()},
+    {"log_format": "", "log_failure": _failure()},
+    {"message": ("legacy",), "isError": 0},
+    {"log_format": "{x}", "x": "ünïcode \udc80"},
+]
+
+
+@pytest.mark.parametrize("case", FORMAT_CASES)
+@pytest.mark.parametrize("extra", [
+    {"log_time": 1e9 + 0.25, "log_level": LogLevel.info, "log_namespace": SMTP},
+    {"log_time": 1e9 + 0.9999996, "log_level": LogLevel.warn, "log_namespace": "x"},
+    {"log_time": 1.0, "log_system": "sys"},
+    {"log_system": _Broken()},
+    {"log_namespace": None},
+    {},
+])
+def test_fast_formatting_matches_twisted(case: dict, extra: dict) -> None:
+    from twisted.logger import formatEvent
+
+    from relaygw.logging import classic_text, format_event
+
+    event = {**case, **extra}
+    assert format_event(dict(event)) == formatEvent(dict(event))
+    for _ in range(2):  # parsed once, then from the cache
+        ours, theirs = io.StringIO(), io.StringIO()
+        observer_for("text", ours)(dict(event))
+        textFileLogObserver(theirs)(dict(event))
+        assert ours.getvalue() == theirs.getvalue()
+    assert classic_text(dict(event)) == (theirs.getvalue() or None)
+
+
+def test_time_stamps_follow_the_clock_across_seconds() -> None:
+    from twisted.logger import formatTime
+
+    from relaygw.logging import _format_time
+
+    for when in (1e9, 1e9 + 0.5, 1e9 + 1.0, 1e9 + 0.9999999, 1e9 + 61.2, 1e9 + 0.1, None, -1.5):
+        assert _format_time(when) == formatTime(when)

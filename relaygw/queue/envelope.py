@@ -8,7 +8,7 @@ every delivery attempt and lives in its own small file beside it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 PENDING = "pending"      # not yet delivered; next attempt at next_attempt
@@ -38,7 +38,11 @@ class Envelope:
     smtputf8: bool = False
 
     def to_json(self) -> bytes:
-        data = asdict(self)
+        # What asdict() gives, built directly: asdict deep-copies every value
+        # and costs more than the rest of the encoding (one envelope per message).
+        data = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        data["recipients"] = [{name: getattr(r, name) for name in _RECIPIENT_FIELDS}
+                              for r in self.recipients]
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -46,6 +50,10 @@ class Envelope:
         data = json.loads(raw)
         data["recipients"] = tuple(EnvelopeRecipient(**r) for r in data["recipients"])
         return cls(**data)
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(EnvelopeRecipient))
 
 
 @dataclass(frozen=True)

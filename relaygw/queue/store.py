@@ -11,8 +11,9 @@ A message file is written to tmp/, fsynced, renamed into queue/, and queue/ is
 fsynced before the commit Deferred fires. Directory fsyncs are shared by every
 commit that is waiting at the time (group commit), so many messages arriving
 together cost one directory sync. All disk work runs in the spool's own thread
-pool; nothing here blocks the reactor thread except ``recover``, which runs
-before the listeners start.
+pool, and a change and the directory sync that makes it durable run in the same
+task (one trip to the pool, not two); nothing here blocks the reactor thread
+except ``recover``, which runs before the listeners start.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,37 +72,50 @@ class StoredMessage:
     size: int  # message bytes
 
 
+class _Batch:
+    """Callers served by one directory fsync; ``done`` once it has run."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: BaseException | None = None
+
+
 class _GroupSync:
-    """fsync a directory for every caller waiting, one fsync per batch."""
+    """fsync a directory for every caller waiting, one fsync per batch.
 
-    def __init__(self, run: Callable[..., Deferred], path: Path) -> None:
-        self._run = run
+    Called in the spool's pool threads, after the caller's rename or unlink.
+    A caller joins the batch that has not started yet, so the fsync that serves
+    it begins after its change; while one fsync runs, the callers that arrive
+    wait together and the first of them runs the next fsync for all of them.
+    """
+
+    def __init__(self, path: Path) -> None:
         self._path = path
-        self._waiting: list[Deferred] = []
+        self._cond = threading.Condition()
         self._running = False
+        self._next = _Batch()
 
-    def sync(self) -> Deferred:
-        d: Deferred = Deferred()
-        self._waiting.append(d)
-        if not self._running:
-            self._start()
-        return d
-
-    def _start(self) -> None:
-        batch, self._waiting = self._waiting, []
-        self._running = True
-
-        def finished(result: Any) -> None:
-            self._running = False
-            for d in batch:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(None)
-            if self._waiting and not self._running:
-                self._start()
-
-        self._run(fsync_dir, self._path).addBoth(finished)
+    def sync(self) -> None:
+        """Blocking: return once an fsync started after this call has succeeded."""
+        with self._cond:
+            batch = self._next
+            while self._running and not batch.done:
+                self._cond.wait()
+            lead = not batch.done
+            if lead:
+                self._running = True
+                self._next = _Batch()
+        if lead:
+            try:
+                fsync_dir(self._path)
+            except BaseException as exc:
+                batch.error = exc
+            with self._cond:
+                batch.done = True
+                self._running = False
+                self._cond.notify_all()
+        if batch.error is not None:
+            raise batch.error
 
 
 class Spool:
@@ -111,7 +126,7 @@ class Spool:
         self.corrupt_dir = self.directory / "corrupt"
         self._reactor = reactor
         self._pool = threadpool
-        self._queue_sync = _GroupSync(self.run, self.queue_dir)
+        self._queue_sync = _GroupSync(self.queue_dir)
         self.free_bytes: int | None = None  # refreshed by refresh_free_space
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Deferred:
@@ -207,8 +222,9 @@ class Spool:
             finally:
                 os.close(fd)
             os.replace(tmp, self.queue_dir / (queue_id + STATE_SUFFIX))
+            self._queue_sync.sync()
 
-        return self._then_sync(self.run(write))
+        return self._as_spool_errors(self.run(write))
 
     def remove(self, queue_id: str) -> Deferred:
         """Drop a finished message: its file first, so a crash never revives it."""
@@ -219,13 +235,13 @@ class Spool:
                     os.unlink(self.queue_dir / name)
                 except FileNotFoundError:
                     pass
+            self._queue_sync.sync()
 
-        return self._then_sync(self.run(unlink))
+        return self._as_spool_errors(self.run(unlink))
 
-    def _then_sync(self, d: Deferred) -> Deferred:
-        d.addCallback(lambda _: self._queue_sync.sync())
-        d.addErrback(lambda f: Failure(_as_spool_error(f.value)))
-        return d
+    @staticmethod
+    def _as_spool_errors(d: Deferred) -> Deferred:
+        return d.addErrback(lambda f: Failure(_as_spool_error(f.value)))
 
     def _free_space(self) -> int:
         st = os.statvfs(self.directory)
@@ -250,7 +266,7 @@ class MessageWriter:
     def __init__(self, spool: Spool, envelope: Envelope) -> None:
         self.queue_id = envelope.queue_id
         self._spool = spool
-        self._tmp = spool.tmp_dir / self.queue_id
+        self._tmp = os.path.join(spool.tmp_dir, self.queue_id)
         header = envelope.to_json()
         self._buffer = [MAGIC, b"%d\n" % len(header), header, b"\n"]
         self._buffered = sum(map(len, self._buffer))
@@ -261,6 +277,7 @@ class MessageWriter:
         self._fd: int | None = None
         self._chain: Deferred = succeed(None)
         self._error: SpoolError | None = None
+        self._sync_error: BaseException | None = None  # the directory sync failed
         self._finished = False
 
     def write(self, data: bytes) -> Deferred | None:
@@ -313,7 +330,18 @@ class MessageWriter:
         os.fsync(fd)
         os.close(fd)
         self._fd = None
-        os.replace(self._tmp, self._spool.queue_dir / self.queue_id)
+        queued = os.path.join(self._spool.queue_dir, self.queue_id)
+        os.replace(self._tmp, queued)
+        try:
+            self._spool._queue_sync.sync()
+        except BaseException as exc:
+            # The client will be told 451 and send again: do not keep a copy it
+            # would then receive twice.
+            self._sync_error = exc
+            try:
+                os.unlink(queued)
+            except OSError:
+                pass
 
     def commit(self) -> Deferred:
         """Deferred[str]: fires with the queue id once the message is durable,
@@ -321,16 +349,12 @@ class MessageWriter:
         self._finished = True
         self._flush(self._commit_sync)
 
-        def check(_: Any) -> Deferred:
+        def check(_: Any) -> Deferred | Failure | None:
             if self._error is not None:
                 return self._cleanup().addCallback(lambda _: Failure(self._error))
-            return self._spool._queue_sync.sync().addErrback(unqueue)
-
-        def unqueue(f: Failure) -> Deferred:
-            # The client will be told 451 and send again: do not keep a copy it
-            # would then receive twice.
-            queued = self._spool.queue_dir / self.queue_id
-            return self._spool.run(queued.unlink, True).addBoth(lambda _: f)
+            if self._sync_error is not None:
+                return Failure(self._sync_error)
+            return None
 
         d = self._chain.addCallback(check)
         d.addCallback(lambda _: self.queue_id)

@@ -44,6 +44,9 @@ class Reply:
         ]
 
     def to_bytes(self) -> bytes:
+        if "\n" not in self.text:  # one line, what nearly every reply is: lines() inlined
+            prefix = f"{self.code} {self.enhanced} " if self.enhanced else f"{self.code} "
+            return ((prefix + self.text).rstrip(" ") + "\r\n").encode("utf-8")
         return "".join(line + "\r\n" for line in self.lines()).encode("utf-8")
 
     def __str__(self) -> str:

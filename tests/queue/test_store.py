@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.queue import store
@@ -162,26 +164,72 @@ def test_recovery_removes_leftovers_and_quarantines_unreadable_files(tmp_path):
         ["GARBAGE", truncated.queue_id, bad_state.queue_id, bad_state.queue_id + ".state"])
 
 
-def test_directory_syncs_are_shared_by_commits_waiting_together(tmp_path, monkeypatch):
-    pending = []
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
 
-    class DeferredSpool(Spool):
-        def run(self, fn, *args):
-            if fn is store.fsync_dir:
-                d = Deferred()
-                pending.append(d)
-                return d
-            return maybeDeferred(fn, *args)
 
-    spool = DeferredSpool(tmp_path / "spool", None, None)
-    spool.recover()
-    results = [spool.new_message(envelope()).commit() for _ in range(5)]
-    assert len(pending) == 1  # the first commit's sync is running
-    pending[0].callback(None)
-    assert len(pending) == 2  # the other four share the next one
-    pending[1].callback(None)
-    assert len(pending) == 2
-    assert all(isinstance(result_of(d), str) for d in results)
+def _syncing_threads(group, n):
+    errors = []
+
+    def sync():
+        try:
+            group.sync()
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=sync) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, errors
+
+
+def test_directory_syncs_are_shared_by_callers_waiting_together(tmp_path, monkeypatch):
+    calls, release = [], threading.Event()
+
+    def slow_fsync_dir(path):
+        calls.append(path)
+        if len(calls) == 1:
+            release.wait(10)
+
+    monkeypatch.setattr(store, "fsync_dir", slow_fsync_dir)
+    group = store._GroupSync(tmp_path)
+    first, _ = _syncing_threads(group, 1)
+    _wait_for(lambda: len(calls) == 1)  # the first caller's sync is running
+    others, errors = _syncing_threads(group, 4)
+    _wait_for(lambda: len(group._cond._waiters) == 4)
+    assert len(calls) == 1  # none of them counts on the sync that began before it came
+    release.set()
+    for t in first + others:
+        t.join(10)
+    assert len(calls) == 2 and errors == []  # the other four share the next one
+
+
+def test_a_failed_directory_sync_fails_its_whole_batch_only(tmp_path, monkeypatch):
+    calls, release = [], threading.Event()
+
+    def fsync_dir(path):
+        calls.append(path)
+        if len(calls) == 1:
+            release.wait(10)
+        elif len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store, "fsync_dir", fsync_dir)
+    group = store._GroupSync(tmp_path)
+    first, first_errors = _syncing_threads(group, 1)
+    _wait_for(lambda: len(calls) == 1)
+    batch, errors = _syncing_threads(group, 3)
+    _wait_for(lambda: len(group._cond._waiters) == 3)
+    release.set()
+    for t in first + batch:
+        t.join(10)
+    assert first_errors == [] and len(errors) == 3
+    assert all(e.errno == errno.EIO for e in errors)
+    group.sync()  # the next batch succeeds
+    assert len(calls) == 3
 
 
 @pytest_twisted.inlineCallbacks
@@ -203,3 +251,17 @@ def test_commit_through_a_real_thread_pool(tmp_path):
         assert free > 0 and spool.free_bytes == free
     finally:
         pool.stop()
+
+
+def test_envelope_json_is_what_asdict_gives():
+    import json
+    from dataclasses import asdict
+
+    env = Envelope(queue_id="ID", sender="", recipients=(
+        EnvelopeRecipient("b@x.example", {"NOTIFY": "FAILURE", "ORCPT": "rfc822;b@x.example"}),
+        EnvelopeRecipient("ü@y.example")), arrived=1.5, client_ip="::1", client_port=25,
+        helo="c.example", tls=None, auth_user="alice", params={"BODY": "8BITMIME", "RET": None},
+        smtputf8=True)
+    expected = json.dumps(asdict(env), ensure_ascii=False, separators=(",", ":")).encode()
+    assert env.to_json() == expected
+    assert Envelope.from_json(env.to_json()) == env
