@@ -20,6 +20,7 @@ Failures are :class:`DNSFailure` exceptions carrying a :class:`DeliveryResult`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import time
@@ -228,6 +229,7 @@ def _domain_name(text: str, kind: str) -> tuple[dns.name.Name, str]:
     return name, label
 
 
+@functools.lru_cache(maxsize=1024)  # smarthosts are often IP literals: one parse each
 def _address_literal(text: str, bare: bool = False) -> tuple[str, str] | None:
     """For "[192.0.2.1]", "[IPv6:2001:db8::1]" (and, with ``bare``, "192.0.2.1", "::1"):
     the canonical literal and the address; None for a domain name.

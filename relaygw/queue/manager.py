@@ -9,6 +9,7 @@ those recipients marked notified; (4) a finished message is removed.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 import re
@@ -178,7 +179,7 @@ class QueueManager(service.Service):
             return
         config = self.config_source()
         context = RouteContext(sender=envelope.sender,
-                               client_ip=ip_address(envelope.client_ip)
+                               client_ip=_client_ip(envelope.client_ip)
                                if envelope.client_ip else None,
                                authenticated=envelope.auth_user is not None)
         decisions = {i: route_recipient(entry.state.recipients[i].address, context, config)
@@ -210,7 +211,7 @@ class QueueManager(service.Service):
             d.addCallback(lambda results, idx=indexes, grp=group: self._record(
                 entry, idx, grp, results, started))
             groups.append(d)
-        done = DeferredList(groups, consumeErrors=True)
+        done = _all_done(groups)
         self._in_flight.add(done)
         done.addBoth(lambda _: self._attempt_done(entry, done))
 
@@ -435,6 +436,24 @@ class QueueManager(service.Service):
         d.addCallback(build)
         d.addCallback(queued)
         return d
+
+
+def _all_done(groups: list[Deferred]) -> Deferred:
+    """Fires with None once every group has finished; failures are consumed.
+
+    Most attempts are one group: then no DeferredList is needed for it.
+    """
+    if len(groups) == 1:
+        return groups[0].addBoth(_discard)
+    return DeferredList(groups, consumeErrors=True).addCallback(_discard)
+
+
+def _discard(_: object) -> None:
+    return None
+
+
+# Mail comes from few client addresses: parse each once (ValueError is not cached).
+_client_ip = functools.lru_cache(maxsize=1024)(ip_address)
 
 
 def _unxtext(value: str) -> str:

@@ -232,10 +232,12 @@ class SMTPClientProtocol(Protocol):
         self._parser = ReplyParser()
         self._expected: deque[str] = deque()  # stages of the commands awaiting a reply
         self._replies: deque[Reply] = deque()  # replies not yet taken by the dialogue
-        self._reply_waiter: Deferred[Reply] | None = None
+        self._reply_waiter: Deferred[Any] | None = None  # one Reply, or a list of them
+        self._replies_wanted = 0  # how many replies the waiter takes as a list; 0: just one
         self._other_waiter: Deferred[Any] | None = None  # a chunk read or a drain
         self._activity: str | None = None  # what runs when no reply is due ("message data")
         self._timer: IDelayedCall | None = None
+        self._timeout_text = ""  # what the running timer reports when it fires
         self._failure: SessionFailure | None = None
         self._connected = False
         self._busy = True  # handshake or transaction running; true until ready
@@ -414,9 +416,8 @@ class SMTPClientProtocol(Protocol):
             self._write_lines([mail, *rcpts, "DATA"], utf8=utf8)
             for stage in ("MAIL FROM", *("RCPT TO",) * count, "DATA"):
                 self._expect(stage)
-            mail_reply = await self._read_reply()
-            rcpt_replies = [await self._read_reply() for _ in rcpts]
-            data_reply = await self._read_reply()
+            # All the replies at once: they usually arrive together.
+            mail_reply, *rcpt_replies, data_reply = await self._read_replies(count + 2)
         else:
             mail_reply = await self._command(mail, "MAIL FROM", utf8=utf8)
             rcpt_replies = []
@@ -514,6 +515,17 @@ class SMTPClientProtocol(Protocol):
         if self._failure is not None:
             return fail(self._failure)
         self._reply_waiter = Deferred()
+        self._replies_wanted = 0
+        return self._reply_waiter
+
+    def _read_replies(self, count: int) -> Deferred[list[Reply]]:
+        """The next ``count`` replies, in order, in one list (pipelined commands)."""
+        if len(self._replies) >= count:
+            return succeed([self._replies.popleft() for _ in range(count)])
+        if self._failure is not None:
+            return fail(self._failure)
+        self._reply_waiter = Deferred()
+        self._replies_wanted = count
         return self._reply_waiter
 
     def _reply_arrived(self, reply: Reply) -> None:
@@ -523,17 +535,22 @@ class SMTPClientProtocol(Protocol):
             self._fail(self._outcome(reply, TRANSIENT, text=text))
             return
         self._expected.popleft()
-        self._cancel_timer()
         if self._expected:
             head = self._expected[0]
             self._arm_timer(head, f"timeout waiting for {head} reply")
+        else:
+            self._cancel_timer()
         if reply.code == 421:
             self._closing = True  # the server is going away; finish what is in flight
-        waiter, self._reply_waiter = self._reply_waiter, None
-        if waiter is not None:
+        waiter = self._reply_waiter
+        if waiter is not None and not self._replies_wanted:
+            self._reply_waiter = None
             waiter.callback(reply)
-        else:
-            self._replies.append(reply)
+            return
+        self._replies.append(reply)
+        if waiter is not None and len(self._replies) >= self._replies_wanted:
+            self._reply_waiter = None
+            waiter.callback([self._replies.popleft() for _ in range(self._replies_wanted)])
 
     def _guard(self, d: Deferred[Any]) -> Deferred[Any]:
         """Wait for ``d``, or fail at once if the session fails first."""
@@ -552,19 +569,28 @@ class SMTPClientProtocol(Protocol):
         return proxy
 
     def _arm_timer(self, stage: str, text: str) -> None:
-        self._cancel_timer()
+        """Time ``stage`` from now, replacing whatever was timed before."""
         seconds = getattr(self.policy.timeouts, _STAGE_TIMEOUTS[stage])
-        self._timer = self.clock.callLater(seconds, self._timed_out, text)
+        self._timeout_text = text
+        timer = self._timer
+        if timer is not None and timer.active():
+            if self.clock.seconds() + seconds >= timer.getTime():
+                # Moving a call later costs the reactor nothing until it comes due; one
+                # stage after another in a transaction mostly does just that.
+                timer.reset(seconds)
+                return
+            timer.cancel()
+        self._timer = self.clock.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, text: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
         if self._failure is None:
-            self._fail(self._transient("4.4.2", text))
+            self._fail(self._transient("4.4.2", self._timeout_text))
         elif self._connected:
             self.transport.abortConnection()  # a polite close that did not finish
 

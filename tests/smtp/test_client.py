@@ -937,6 +937,41 @@ def test_timeouts(stage: str) -> None:
     assert session.clock.getDelayedCalls() == []
 
 
+PIPELINED_TIMEOUTS = DeliveryTimeouts(mail=30, rcpt=20, data_init=5, data_block=15,
+                                      data_done=40)
+
+
+@pytest.mark.parametrize(("replies", "seconds", "stage"), [
+    ((), 30, "MAIL FROM"),
+    (("250 ok",), 20, "RCPT TO"),
+    (("250 ok", "250 ok"), 5, "DATA"),  # shorter than the RCPT timer it follows
+    (("250 ok", "250 ok", "354 go"), 40, "end of DATA"),
+])
+def test_pipelined_stage_timeouts_count_from_the_previous_reply(
+        replies: tuple[str, ...], seconds: float, stage: str) -> None:
+    session = ready_session("PIPELINING", timeouts=PIPELINED_TIMEOUTS)
+    session.clock.advance(100)
+    out = outcome(session.client.send(message()))
+    for reply in replies:
+        session.clock.advance(1)
+        session.say(reply + "\r\n")
+    assert len(session.clock.getDelayedCalls()) == 1  # one timer, moved from stage to stage
+    session.clock.advance(seconds - 0.5)
+    assert out == [] and not session.aborted
+    session.clock.advance(0.5)
+    result = failure_result(out)
+    assert result.text == f"timeout waiting for {stage} reply"
+    assert session.clock.getDelayedCalls() == []
+
+
+def test_pipelined_transaction_leaves_no_timer_behind() -> None:
+    session = ready_session("PIPELINING")
+    out = outcome(session.client.send(message()))
+    session.say("250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+    assert [r.status for r in out[0]] == [DELIVERED]
+    assert session.clock.getDelayedCalls() == []
+
+
 def test_rset_timeout_keeps_the_results() -> None:
     session = ready_session()
     d = outcome(session.client.send(message()))
