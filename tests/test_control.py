@@ -44,7 +44,7 @@ class Courier:
 
     def deliver(self, job):
         self.jobs.append(job)
-        self.contents.append(job.content_path.read_bytes()[job.content_offset:])
+        self.contents.append(Path(job.content_path).read_bytes()[job.content_offset:])
         if self.fail:
             return succeed([transient("4.4.1", "connection refused")] * len(job.decisions))
         from relaygw.delivery.result import delivered

@@ -29,7 +29,7 @@ class RecordingCourier:
 
     def deliver(self, job):
         self.jobs.append(job)
-        self.contents.append(job.content_path.read_bytes()[job.content_offset:])
+        self.contents.append(Path(job.content_path).read_bytes()[job.content_offset:])
         answer = self.script.pop(0) if self.script else None
         if isinstance(answer, Deferred):
             return answer

@@ -6,6 +6,7 @@ import errno
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -56,9 +57,9 @@ def test_committed_message_holds_envelope_and_exact_content(spool):
     assert stored.envelope == env
     assert stored.state == QueueState.initial(env)
     assert stored.size == len(body)
-    raw = spool.content_path(env.queue_id).read_bytes()
+    raw = Path(spool.content_path(env.queue_id)).read_bytes()
     assert raw[stored.content_offset:] == body
-    assert oct(spool.content_path(env.queue_id).stat().st_mode & 0o777) == "0o600"
+    assert oct(Path(spool.content_path(env.queue_id)).stat().st_mode & 0o777) == "0o600"
 
 
 def test_commit_fsyncs_file_and_directory_before_it_fires(spool, monkeypatch):

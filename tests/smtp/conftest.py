@@ -89,7 +89,7 @@ class Harness:
 
     def message(self, queue_id: str) -> bytes:
         stored = self.spool._load(queue_id)
-        return self.spool.content_path(queue_id).read_bytes()[stored.content_offset:]
+        return Path(self.spool.content_path(queue_id)).read_bytes()[stored.content_offset:]
 
 
 @pytest.fixture
