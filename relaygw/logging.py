@@ -259,19 +259,32 @@ def twistd_json_logger() -> ILogObserver:
     return json_observer(LogFile.fromFullPath(logfile or "twistd.log"))
 
 
+def twistd_text_logger() -> ILogObserver:
+    """The ``--logger`` that ``configure_twistd`` names for text on standard output:
+    twistd's own line format, through the cheaper formatter here (and with secrets
+    masked). A log file stays twistd's own observer, which also rotates on SIGUSR1."""
+    return observer_for("text", sys.stdout)
+
+
 def configure_twistd(server_options: MutableMapping[str, Any], format: str) -> None:
     """Make twistd log ``format``; call from the plugin's ``postOptions``.
 
     twistd options come before the plugin name, so they are parsed by then, and
     twistd imports its ``logger`` option (a dotted name) only afterwards, so
     setting it here takes effect. A ``--logger`` on the command line wins; "text"
-    leaves twistd's own observer (``--logfile``, ``--syslog``) alone.
+    to a file or syslog leaves twistd's own observer (and its SIGUSR1 rotation) alone.
     """
     global _twistd_destination
     if format not in FORMATS:
         raise usage.UsageError(f"--log-format must be one of {', '.join(FORMATS)} "
                                f"(got {format!r})")
-    if format == "text" or server_options.get("logger"):
+    if server_options.get("logger"):
+        return
+    if format == "text":
+        logfile = server_options.get("logfile")
+        if not server_options.get("syslog") and server_options.get("nodaemon") \
+                and (not logfile or logfile == "-"):
+            server_options["logger"] = f"{__name__}.twistd_text_logger"
         return
     if server_options.get("syslog"):
         raise usage.UsageError("JSON logs cannot go to --syslog; use --logfile or -n")

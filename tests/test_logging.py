@@ -368,7 +368,8 @@ Options = _PluginOptions  # this module doubles as the plugin's module for Servi
 @pytest.mark.parametrize(("argv", "factory"), [
     (["--nodaemon", "relaygw", "--log-format", "json"], "twistd_json_logger"),
     (["--logfile", "relaygw.log", "relaygw", "--log-format", "json"], "twistd_json_logger"),
-    (["--nodaemon", "relaygw"], None),
+    (["--nodaemon", "relaygw"], "twistd_text_logger"),  # text on stdout: the fast formatter
+    (["--logfile", "relaygw.log", "relaygw"], None),  # a text log file: twistd's own (SIGUSR1)
     (["--nodaemon", "--logger", "relaygw.logging.json_logger", "relaygw", "--log-format", "json"],
      "json_logger"),
 ])
