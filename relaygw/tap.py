@@ -38,6 +38,7 @@ from relaygw.metrics import (
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.service import SpoolService
 from relaygw.queue.store import STATE_SUFFIX, Spool
+from relaygw.runtime import quiet_garbage_collector
 from relaygw.smtp.auth import Authenticator
 from relaygw.smtp.server import ConnectionCounter, SMTPServerFactory
 
@@ -403,6 +404,7 @@ class RelayService(_SequentialService):
 
     def startService(self) -> None:
         super().startService()
+        quiet_garbage_collector()
         if self.install_signals:
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
 

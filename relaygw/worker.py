@@ -54,6 +54,7 @@ from relaygw.logging import FORMATS, observer_for
 from relaygw.metrics import NullMetrics
 from relaygw.queue.service import FREE_SPACE_INTERVAL
 from relaygw.queue.store import Spool, StoredMessage
+from relaygw.runtime import quiet_garbage_collector
 from relaygw.smtp.auth import Authenticator
 from relaygw.smtp.server import ConnectionCounter, SMTPServerFactory
 
@@ -256,6 +257,7 @@ class Worker:
         self.spool_pool.start()
         self.auth_pool.start()
         self._free_space.start(FREE_SPACE_INTERVAL, now=True)
+        quiet_garbage_collector()
         self._send(b"H", str(os.getpid()).encode())
 
     def _refresh_free_space(self) -> None:
