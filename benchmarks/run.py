@@ -349,6 +349,11 @@ def report(info: dict[str, str], args: argparse.Namespace, summary: dict[str, di
     else:
         out.append("- none: every accepted message reached the sink exactly once, queues "
                    "ended empty (but for (f)'s deferred half), no error lines in the logs.")
+    analysis = HERE / "ANALYSIS.md"
+    if analysis.exists():
+        # Hand-written: the profiles behind the figures (what stands in the way of a
+        # missed target), kept beside the numbers they explain.
+        out += ["", analysis.read_text().rstrip()]
     out += ["", "## Raw runs", ""]
     out += raw_table(runs)
     out += ["", "<details><summary>All numbers (JSON)</summary>", "", "```json",
