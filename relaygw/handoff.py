@@ -50,6 +50,17 @@ RESPAWN_FIRST = 0.5  # seconds before a dead worker is started again; doubles wh
 RESPAWN_MAX = 30.0
 STABLE_AFTER = 10.0  # a worker that lived this long resets the pause
 KILL_MARGIN = 5.0  # seconds past the shutdown grace before a worker is killed
+# Flow control: when this many accepted messages wait for a delivery attempt to finish
+# while deliveries are finishing (the relay is slower than its clients, not stuck), new
+# connections wait in the listen backlog until the queue is down to FLOW_LOW. Without
+# it, a long burst accepted faster than it can be relayed piles up in memory (the
+# queue's entries); with it, acceptance settles at the delivery rate. When no attempt
+# has finished for FLOW_STALL seconds (a smarthost that hangs), accepting goes on: the
+# mail is safe on disk and waiting helps nobody.
+FLOW_HIGH = 1000
+FLOW_LOW = 500
+FLOW_STALL = 1.0
+FLOW_POLL = 0.1  # seconds between checks while paused
 NO_WORKER = Reply(421, "4.3.0", "Service temporarily unavailable, try again later", close=True)
 _METRIC_EVENTS = frozenset(("message_accepted", "message_rejected", "tls_inbound"))
 
@@ -246,6 +257,7 @@ class _Worker:
             envelope = Envelope.from_json(raw)
             pool.on_queued(StoredMessage(envelope, QueueState.initial(envelope),
                                          int(offset), int(size)))
+            pool.check_flow()
         elif kind == b"m":
             name, args = json.loads(rest)
             if name in _METRIC_EVENTS:
@@ -268,7 +280,8 @@ class WorkerPool(service.Service):
                  on_queued: Callable[[StoredMessage], None], metrics: Any = None,
                  grace: float = 30.0, command: list[str] | None = None,
                  log_format: str | None = None,
-                 on_worker_died: Callable[[], None] | None = None) -> None:
+                 on_worker_died: Callable[[], None] | None = None,
+                 backlog: Callable[[], tuple[int, int]] | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.addresses = addresses
@@ -282,6 +295,11 @@ class WorkerPool(service.Service):
         self.command = command or [sys.executable, "-m", "relaygw.worker"]
         self.log_format = log_format  # set: workers write their log lines to our stdout
         self.on_worker_died = on_worker_died
+        self.backlog = backlog  # (attempts in flight, attempts finished so far)
+        self._flow_paused = False
+        self._finished_seen = -1
+        self._progress_at = 0.0
+        self._flow_poll: Any = None
         self.listeners: set[HandoffListener] = set()
         self.workers: list[_Worker] = []
         self.generation = 0
@@ -408,6 +426,8 @@ class WorkerPool(service.Service):
         """Let every worker finish its sessions (the shutdown grace), then return."""
         super().stopService()
         self._stopping = True
+        if self._flow_poll is not None and self._flow_poll.active():
+            self._flow_poll.cancel()
         for call in self._respawns.values():
             if call.active():
                 call.cancel()
@@ -437,6 +457,33 @@ class WorkerPool(service.Service):
 
     # -- connections ------------------------------------------------------------
 
+    def check_flow(self) -> None:
+        """Pause accepting while too much accepted mail waits for delivery."""
+        if self.backlog is None:
+            return
+        waiting, finished = self.backlog()
+        now = self.reactor.seconds()
+        if finished != self._finished_seen:
+            self._finished_seen, self._progress_at = finished, now
+        moving = now - self._progress_at < FLOW_STALL
+        if not self._flow_paused and waiting >= FLOW_HIGH and moving:
+            self._flow_paused = True
+            log.info("accepting paused: {n} messages wait for delivery", n=waiting,
+                     event="flow_paused")
+            self._flow_poll = self.reactor.callLater(FLOW_POLL, self._poll_flow)
+            self.update_reading()
+        elif self._flow_paused and (waiting <= FLOW_LOW or not moving):
+            self._flow_paused = False
+            log.info("accepting resumed: {n} messages wait for delivery", n=waiting,
+                     event="flow_resumed")
+            self.update_reading()
+
+    def _poll_flow(self) -> None:
+        self._flow_poll = None
+        self.check_flow()
+        if self._flow_paused and not self._stopping:
+            self._flow_poll = self.reactor.callLater(FLOW_POLL, self._poll_flow)
+
     def serves(self, address: str) -> bool:
         """Whether a ready worker takes clients of the listener at ``address``."""
         return any(w.accepting and address in w.addresses for w in self.workers)
@@ -444,7 +491,7 @@ class WorkerPool(service.Service):
     def update_reading(self) -> None:
         """Read a listening socket only while a worker can take its clients."""
         for listener in self.listeners:
-            if not self._stopping and self.serves(listener.address):
+            if not self._stopping and not self._flow_paused and self.serves(listener.address):
                 listener.resume()
             else:
                 listener.pause()

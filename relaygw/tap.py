@@ -199,7 +199,8 @@ class RelayService(_SequentialService):
                 reactor, config.server.workers,
                 frozenset(lc.address for lc in config.listeners), self.counter,
                 self.manager.enqueued, metrics=self.metrics, grace=config.server.shutdown_grace,
-                log_format=worker_log, on_worker_died=self._worker_died)
+                log_format=worker_log, on_worker_died=self._worker_died,
+                backlog=self.manager.delivery_progress)
             self.pool.setServiceParent(self.listeners)
         else:
             self.listeners = service.MultiService()  # stopped together: they drain in parallel

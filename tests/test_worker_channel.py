@@ -766,3 +766,55 @@ def test_worker_configures_itself_from_the_snapshot_and_says_ready(tmp_path):
         worker._free_space.stop()
         worker.spool_pool.stop()
         worker.auth_pool.stop()
+
+
+def _flow_pool(progress: list[int]) -> tuple[Pool, HandoffListener]:
+    p = Pool(count=1)
+    p.pool.backlog = lambda: (progress[0], progress[1])
+    listener = HandoffListener(p.reactor, ListenerConfig(ADDRESS, "127.0.0.1", 0, "none"),
+                               p.pool)
+    p.start()
+    listener.startService()
+    p.ready()
+    return p, listener
+
+
+def test_accepting_pauses_while_delivery_falls_behind_and_resumes_when_it_catches_up(events):
+    progress = [handoff.FLOW_HIGH - 1, 0]  # [attempts in flight, attempts finished]
+    p, listener = _flow_pool(progress)
+    try:
+        p.pool.check_flow()
+        assert p.reactor.readers == {listener}
+        progress[:] = [handoff.FLOW_HIGH, 5]  # deliveries finish, but not fast enough
+        p.pool.check_flow()
+        assert p.reactor.readers == set()  # new clients wait in the listen backlog
+        progress[:] = [handoff.FLOW_LOW + 1, 300]
+        p.reactor.advance(handoff.FLOW_POLL)
+        assert p.reactor.readers == set()
+        progress[:] = [handoff.FLOW_LOW, 600]
+        p.reactor.advance(handoff.FLOW_POLL)
+        assert p.reactor.readers == {listener}
+        assert [formatEvent(e) for e in events if e.get("event", "").startswith("flow_")] == [
+            f"accepting paused: {handoff.FLOW_HIGH} messages wait for delivery",
+            f"accepting resumed: {handoff.FLOW_LOW} messages wait for delivery"]
+    finally:
+        listener.stopService()
+
+
+def test_accepting_goes_on_when_no_delivery_finishes(events):
+    """A smarthost that hangs: holding clients back would help nobody."""
+    progress = [handoff.FLOW_HIGH, 7]
+    p, listener = _flow_pool(progress)
+    try:
+        p.pool.check_flow()
+        assert p.reactor.readers == set()
+        p.reactor.advance(handoff.FLOW_STALL)  # nothing finished for FLOW_STALL seconds
+        assert p.reactor.readers == {listener}
+        progress[0] += 50
+        p.pool.check_flow()  # still stalled: no pause
+        assert p.reactor.readers == {listener}
+        progress[1] += 1  # deliveries move again: the backlog counts again
+        p.pool.check_flow()
+        assert p.reactor.readers == set()
+    finally:
+        listener.stopService()

@@ -96,6 +96,7 @@ class QueueManager(service.Service):
         self._timer: Any = None
         self._stopping = False
         self._in_flight: set[Deferred] = set()
+        self.attempts_finished = 0
 
     # -- life cycle -----------------------------------------------------------
 
@@ -108,6 +109,10 @@ class QueueManager(service.Service):
                 self._finish(entry)
             else:
                 self._schedule(entry)
+
+    def delivery_progress(self) -> tuple[int, int]:
+        """(attempts in flight, attempts finished since start): for flow control."""
+        return len(self._in_flight), self.attempts_finished
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -288,6 +293,7 @@ class QueueManager(service.Service):
 
     def _attempt_done(self, entry: _Entry, done: Deferred) -> None:
         self._in_flight.discard(done)
+        self.attempts_finished += 1
         entry.busy = False
         if entry.deleted:
             self._remove(entry, "deleted by operator")
