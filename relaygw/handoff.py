@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from relaygw.config import ListenerConfig
 from relaygw.listener import ListenError
-from relaygw.metrics import NullMetrics
+from relaygw.nometrics import NullMetrics
 from relaygw.queue.envelope import Envelope, QueueState
 from relaygw.queue.store import StoredMessage
 from relaygw.smtp.replies import Reply

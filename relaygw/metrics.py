@@ -47,7 +47,12 @@ from twisted.web import pages
 from twisted.web.resource import EncodingResourceWrapper, Resource
 from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Site
 
+from relaygw.nometrics import NO_METRICS, NullMetrics
+
 log = Logger()
+
+__all__ = ["NO_METRICS", "NullMetrics", "Metrics", "MetricsService", "HealthCheck",
+           "metrics_resource", "smarthost_circuits"]
 
 # Arrival to final outcome: from a local Maildir write to the end of a 5-day queue life.
 LATENCY_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
@@ -74,35 +79,6 @@ def _status_class(enhanced: str | None) -> str:
     return first if first in ("2", "4", "5") else "unknown"
 
 
-class NullMetrics:
-    """Accepts every call and records nothing: the default for components built without metrics."""
-
-    def connection_opened(self, listener: str, tls: bool) -> None:
-        pass
-
-    def connection_closed(self, listener: str) -> None:
-        pass
-
-    def connection_refused(self, reason: str) -> None:
-        pass
-
-    def message_accepted(self, size: int) -> None:
-        pass
-
-    def message_rejected(self, stage: str, code: int, enhanced: str | None) -> None:
-        pass
-
-    def delivery(self, route: str, status: str, enhanced: str | None, seconds: float) -> None:
-        pass
-
-    def tls_inbound(self, version: str | None) -> None:
-        pass
-
-    def tls_outbound(self, version: str | None) -> None:
-        pass
-
-
-NO_METRICS = NullMetrics()
 
 
 class Metrics(NullMetrics):

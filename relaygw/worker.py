@@ -51,7 +51,7 @@ from relaygw import front
 from relaygw.config import Config
 from relaygw.inbound import ConfiguredPolicy
 from relaygw.logging import FORMATS, observer_for
-from relaygw.metrics import NullMetrics
+from relaygw.nometrics import NullMetrics
 from relaygw.queue.service import FREE_SPACE_INTERVAL
 from relaygw.queue.store import Spool, StoredMessage
 from relaygw.runtime import quiet_garbage_collector

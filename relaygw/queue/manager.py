@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from relaygw.bounce import FailedRecipient, build_dsn, extract_headers, should_bounce
 from relaygw.delivery.result import DELIVERED, PERMANENT, DeliveryResult, transient
-from relaygw.metrics import NO_METRICS
+from relaygw.nometrics import NO_METRICS
 from relaygw.queue.envelope import (
     DELIVERED as STATE_DELIVERED,
 )

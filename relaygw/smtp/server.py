@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaygw.address import MailArgs, RcptArgs, parse_helo, parse_mail_from, parse_rcpt_to
-from relaygw.metrics import NO_METRICS
+from relaygw.nometrics import NO_METRICS
 from relaygw.queue.envelope import Envelope, EnvelopeRecipient
 from relaygw.queue.store import SpoolError, StoredMessage, new_queue_id
 from relaygw.smtp import auth as sasl
