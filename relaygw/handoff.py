@@ -34,7 +34,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from relaygw.config import ListenerConfig
-from relaygw.listener import ListenError
+from relaygw.listener import BindingService, ListenError
 from relaygw.nometrics import NullMetrics
 from relaygw.queue.envelope import Envelope, QueueState
 from relaygw.queue.store import StoredMessage
@@ -65,7 +65,7 @@ NO_WORKER = Reply(421, "4.3.0", "Service temporarily unavailable, try again late
 _METRIC_EVENTS = frozenset(("message_accepted", "message_rejected", "tls_inbound"))
 
 
-class HandoffListener(service.Service):
+class HandoffListener(BindingService):
     """One listening socket whose clients go to the workers."""
 
     def __init__(self, reactor: Any, listener: ListenerConfig, pool: WorkerPool) -> None:
@@ -78,20 +78,8 @@ class HandoffListener(service.Service):
 
     # -- service ------------------------------------------------------------
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        if self.port is not None:
-            return
-        try:
-            self.bind()
-        except ListenError as e:
-            print(f"relaygw: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-
     def startService(self) -> None:
-        super().startService()
-        if self.port is None:
-            self.bind()
+        super().startService()  # binds, if privilegedStartService has not
         self.pool.listeners.add(self)
         self.pool.update_reading()
 

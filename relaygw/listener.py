@@ -16,21 +16,19 @@ class ListenError(Exception):
     """A listener's address cannot be bound."""
 
 
-class ListenerService(service.Service):
-    """Bind in privilegedStartService (before twistd drops privileges).
+class BindingService(service.Service):
+    """Binds in privilegedStartService (before twistd drops privileges).
 
     A port that cannot be bound stops start-up with one line naming the
     listener, not a traceback: the operator has a config or port problem.
+    Subclasses provide ``bind`` (raising ListenError) and ``port`` (None
+    until bound).
     """
 
-    def __init__(self, endpoint: Any, factory: Any, address: str, *,
-                 sessions: Any = None, grace: float = 30.0) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self.address = address
-        self.sessions = sessions  # the SMTP factory (inside any TLS wrapper): drains sessions
-        self.grace = grace
-        self.port: Any = None
+    port: Any = None
+
+    def bind(self) -> None:
+        raise NotImplementedError
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -46,6 +44,19 @@ class ListenerService(service.Service):
         super().startService()
         if self.port is None:
             self.bind()
+
+
+class ListenerService(BindingService):
+    """A Twisted listening port for the sessions of one listener."""
+
+    def __init__(self, endpoint: Any, factory: Any, address: str, *,
+                 sessions: Any = None, grace: float = 30.0) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.address = address
+        self.sessions = sessions  # the SMTP factory (inside any TLS wrapper): drains sessions
+        self.grace = grace
+        self.port: Any = None
 
     def bind(self) -> None:
         """Listen now; ListenError names the address and the reason."""
