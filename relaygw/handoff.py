@@ -324,11 +324,14 @@ class WorkerPool(service.Service):
         self.count = count
         self.addresses = addresses
         self.snapshot = snapshot
+        self._cancel_respawns()
+        return self._start_generation()
+
+    def _cancel_respawns(self) -> None:
         for call in self._respawns.values():
             if call.active():
                 call.cancel()
         self._respawns.clear()
-        return self._start_generation()
 
     def _generation_done(self, ok: bool) -> None:
         if self._generation_ready is not None:
@@ -416,10 +419,7 @@ class WorkerPool(service.Service):
         self._stopping = True
         if self._flow_poll is not None and self._flow_poll.active():
             self._flow_poll.cancel()
-        for call in self._respawns.values():
-            if call.active():
-                call.cancel()
-        self._respawns.clear()
+        self._cancel_respawns()
         waits = []
         for worker in list(self.workers):
             self._retire(worker, drain=True)
@@ -529,10 +529,6 @@ class WorkerPool(service.Service):
             conn.close()
         self.counter.release(host)
         self.metrics.connection_closed(listener)
-
-    @property
-    def open_connections(self) -> int:
-        return sum(len(w.conns) for w in self.workers)
 
     # -- logs -------------------------------------------------------------------
 

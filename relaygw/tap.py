@@ -280,11 +280,7 @@ class RelayService(_SequentialService):
         if self.pool is not None:
             problems, self._restarted = self._apply_workers(config, users)
             return problems
-        wanted = set(config.listeners)
-        for listener in [lc for lc in self.by_listener if lc not in wanted]:
-            svc = self.by_listener.pop(listener)
-            svc.disownServiceParent()  # stops listening, drains its sessions
-            log.info("stopped listening on {address}", address=listener.address)
+        self._drop_listeners(config)
         for listener in config.listeners:
             settings = front.settings(config, listener, tls_options)
             existing = self.by_listener.get(listener)
@@ -299,21 +295,32 @@ class RelayService(_SequentialService):
             outer = outer_factory(factory, listener, tls_options)
             svc = ListenerService(_endpoint(self.reactor, listener), outer, listener.address,
                                   sessions=factory, grace=config.server.shutdown_grace)
-            if self.running:  # a listener added by reload binds now
-                try:
-                    svc.bind()
-                except ListenError as e:
-                    problems.append(f"listeners: {e}")
-                    continue
-            self.by_listener[listener] = svc
-            svc.setServiceParent(self.listeners)
-            log.info("listening on {address} tls={tls} auth={auth}",
-                     address=listener.address, tls=listener.tls, auth=listener.auth)
+            self._add_listener(listener, svc, problems)
         for route in config.routes:
             if route.action == "maildir":
                 log.info("routes[{index}]: maildir delivery under {template}",
                          index=route.index, template=route.maildir)
         return problems
+
+    def _drop_listeners(self, config: Config) -> None:
+        """Stop the listeners ``config`` no longer has (each drains its sessions)."""
+        wanted = set(config.listeners)
+        for listener in [lc for lc in self.by_listener if lc not in wanted]:
+            self.by_listener.pop(listener).disownServiceParent()
+            log.info("stopped listening on {address}", address=listener.address)
+
+    def _add_listener(self, listener: ListenerConfig, svc: Any, problems: list[str]) -> None:
+        """Start ``svc`` for ``listener``; a reload binds it now and reports a failure."""
+        if self.running:
+            try:
+                svc.bind()
+            except ListenError as e:
+                problems.append(f"listeners: {e}")
+                return
+        self.by_listener[listener] = svc
+        svc.setServiceParent(self.listeners)
+        log.info("listening on {address} tls={tls} auth={auth}",
+                 address=listener.address, tls=listener.tls, auth=listener.auth)
 
     def _apply_workers(self, config: Config, users: dict[str, str] | None,
                        ) -> tuple[list[str], Deferred | None]:
@@ -321,24 +328,11 @@ class RelayService(_SequentialService):
         workers take over with the new configuration."""
         assert self.pool is not None
         problems: list[str] = []
-        wanted = set(config.listeners)
-        for listener in [lc for lc in self.by_listener if lc not in wanted]:
-            self.by_listener.pop(listener).disownServiceParent()
-            log.info("stopped listening on {address}", address=listener.address)
+        self._drop_listeners(config)
         for listener in config.listeners:
-            if listener in self.by_listener:
-                continue
-            svc = HandoffListener(self.reactor, listener, self.pool)
-            if self.running:
-                try:
-                    svc.bind()
-                except ListenError as e:
-                    problems.append(f"listeners: {e}")
-                    continue
-            self.by_listener[listener] = svc
-            svc.setServiceParent(self.listeners)
-            log.info("listening on {address} tls={tls} auth={auth}",
-                     address=listener.address, tls=listener.tls, auth=listener.auth)
+            if listener not in self.by_listener:
+                self._add_listener(listener, HandoffListener(self.reactor, listener, self.pool),
+                                   problems)
         self.pool.grace = config.server.shutdown_grace
         snapshot = pickle.dumps((config, users), protocol=pickle.HIGHEST_PROTOCOL)
         addresses = frozenset(lc.address for lc in config.listeners)

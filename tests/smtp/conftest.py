@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from relaygw.config import parse_config
 from relaygw.inbound import ConfiguredPolicy
+from relaygw.queue.envelope import EnvelopeRecipient
 from relaygw.smtp.server import ConnectionCounter, ServerSettings, SMTPServerFactory
 from relaygw.testing import FakeAuthenticator, SynchronousSpool, TLSStringTransport
 
@@ -101,3 +103,21 @@ def harness(tmp_path):
 def harness_factory(tmp_path_factory):
     """Fresh harnesses inside one test (hypothesis runs many examples per test)."""
     return lambda: Harness(tmp_path_factory.mktemp("h"))
+
+
+class SlowPolicy:
+    """Accepts every sender; each RCPT check stays pending until the test fires it."""
+
+    def __init__(self):
+        self.pending = []
+
+    def check_mail(self, session, mail):
+        return None
+
+    def check_rcpt(self, session, mail, rcpt):
+        d = Deferred()
+        self.pending.append(d)
+        return d
+
+    def final_recipients(self, rcpts):
+        return [EnvelopeRecipient(str(r.address), r.params) for r in rcpts]

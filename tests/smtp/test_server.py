@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import fail
 
-from relaygw.queue.envelope import EnvelopeRecipient
 from relaygw.queue.store import SpoolError
 from relaygw.smtp.replies import Reply
+from tests.smtp.conftest import SlowPolicy
 
 MESSAGE = "Subject: hi\r\n\r\nHello\r\n.\r\n"
 
@@ -352,22 +352,6 @@ def test_free_space_below_the_margin_answers_452_at_mail(harness):
 
 
 # -- asynchronous checks keep replies in order -----------------------------------
-
-class SlowPolicy:
-    def __init__(self):
-        self.pending = []
-
-    def check_mail(self, session, mail):
-        return None
-
-    def check_rcpt(self, session, mail, rcpt):
-        d = Deferred()
-        self.pending.append(d)
-        return d
-
-    def final_recipients(self, rcpts):
-        return [EnvelopeRecipient(str(r.address), r.params) for r in rcpts]
-
 
 def test_replies_wait_for_a_pending_check_and_reading_pauses(harness):
     factory = harness.factory()

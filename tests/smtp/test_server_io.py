@@ -11,28 +11,12 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 
-from relaygw.queue.envelope import EnvelopeRecipient
 from relaygw.smtp.replies import Reply
+from tests.smtp.conftest import SlowPolicy
 
 MESSAGE = "Subject: hi\r\n\r\nbody\r\n.\r\n"
 PIPELINED = ("EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nRCPT TO:<b@relay.example>\r\n"
              "DATA\r\n")
-
-
-class SlowPolicy:
-    def __init__(self):
-        self.pending = []
-
-    def check_mail(self, session, mail):
-        return None
-
-    def check_rcpt(self, session, mail, rcpt):
-        d = Deferred()
-        self.pending.append(d)
-        return d
-
-    def final_recipients(self, rcpts):
-        return [EnvelopeRecipient(str(r.address), r.params) for r in rcpts]
 
 
 class CountingTransportWrites:
