@@ -37,6 +37,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The daemon-level suites run a second time with everything in one process
 # ([server] workers = 0); the first run uses the default, one worker per core.

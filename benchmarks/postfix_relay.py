@@ -1,6 +1,6 @@
 """The reference: a private Postfix relay doing relaygw's job (relayhost = the same sink).
 
-Built on :class:`relaygw.testing_postfix.PostfixInstance` (its own ``main.cf``,
+Built on :class:`tests.support.postfix.PostfixInstance` (its own ``main.cf``,
 ``master.cf`` and queue under the run directory, loopback only, no DNS, started with
 ``postfix -c DIR start`` and stopped with everything it spawned; ``/etc/postfix`` is
 neither read for settings nor changed).  What this module adds for the benchmark:
@@ -23,9 +23,9 @@ from pathlib import Path
 from harness import CLEANUP, LOOPBACK, BenchError, cpu_seconds
 
 try:
-    from relaygw.testing_postfix import PostfixError, PostfixInstance, unavailable_reason
+    from tests.support.postfix import PostfixError, PostfixInstance, unavailable_reason
 except ImportError as e:  # pragma: no cover - the helper ships with relaygw
-    raise SystemExit(f"benchmarks need relaygw.testing_postfix ({e}); run `make venv`") from e
+    raise SystemExit(f"benchmarks need tests.support.postfix ({e}); run `make venv`") from e
 
 POSTFIX_ID = re.compile(rb"\(Postfix\) with \S+ id (\w+)")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from relaygw.address import domain_matches
 from relaygw.config import AliasEntry, Config, RouteConfig
-from relaygw.delivery.result import DeliveryResult, permanent
+from relaygw.results import DeliveryResult, permanent
 
 __all__ = [
     "MAILDIR",

@@ -9,15 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relaygw.address import (
-    Address,
-    MailArgs,
-    RcptArgs,
-    domain_matches,
-    parse_helo,
-    parse_mail_from,
-    parse_rcpt_to,
-)
+from relaygw.address import Address, MailArgs, RcptArgs, domain_matches
+from relaygw.smtp.arguments import parse_helo, parse_mail_from, parse_rcpt_to
 from relaygw.smtp.replies import Reply
 
 DEFAULT = "relay.example"

@@ -13,7 +13,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relaygw.config import AliasEntry, Config, parse_config
-from relaygw.delivery.result import PERMANENT
+from relaygw.results import PERMANENT
 from relaygw.routing import (
     RouteContext,
     RouteDecision,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred, gatherResults, succeed
 
 from relaygw.delivery.maildir import deliver_to_maildir
-from relaygw.delivery.result import transient
+from relaygw.results import transient
 from relaygw.queue.manager import DeliveryJob
 
 

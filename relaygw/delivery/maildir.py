@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from relaygw.delivery.result import DeliveryResult, delivered, transient
+from relaygw.results import DeliveryResult, delivered, transient
 from relaygw.fileio import fsync_dir, write_all
 
 __all__ = ["CHUNK_SIZE", "deliver_to_maildir", "unique_name"]

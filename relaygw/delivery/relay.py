@@ -21,8 +21,8 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks,
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 
-from relaygw.delivery.result import DeliveryResult, permanent, transient
-from relaygw.dns import DNSFailure
+from relaygw.results import DeliveryResult, permanent, transient
+from relaygw.delivery.dns import DNSFailure
 from relaygw.queue.manager import DeliveryJob
 from relaygw.smtp.client import (
     ClientPolicy,

@@ -19,8 +19,9 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from relaygw.bounce import extract_headers
-from relaygw.queue.envelope import PENDING, Envelope, QueueState
+from relaygw.delivery.bounce import extract_headers
+from relaygw.envelope import Envelope
+from relaygw.queue.state import PENDING, QueueState
 from relaygw.queue.manager import recipient_state_name
 from relaygw.queue.store import STATE_SUFFIX, Spool, StoredMessage
 from relaygw.routing import RouteContext, route_recipient

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import heapq
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -24,19 +23,13 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relaygw.bounce import FailedRecipient, build_dsn, extract_headers, should_bounce
-from relaygw.delivery.result import DELIVERED, PERMANENT, DeliveryResult, transient
-from relaygw.nometrics import NO_METRICS
-from relaygw.queue.envelope import (
-    DELIVERED as STATE_DELIVERED,
-)
-from relaygw.queue.envelope import (
-    FAILED,
-    Envelope,
-    EnvelopeRecipient,
-    QueueState,
-    RecipientState,
-)
+from relaygw.delivery.bounce import FailedRecipient, build_dsn, extract_headers, should_bounce
+from relaygw.results import DELIVERED, PERMANENT, DeliveryResult, transient
+from relaygw.observe.null import NO_METRICS
+from relaygw.queue.state import DELIVERED as STATE_DELIVERED
+from relaygw.address import xtext_decode
+from relaygw.envelope import Envelope, EnvelopeRecipient
+from relaygw.queue.state import FAILED, QueueState, RecipientState
 from relaygw.queue.store import Spool, StoredMessage, new_queue_id
 from relaygw.routing import RouteContext, RouteDecision, route_recipient
 
@@ -405,7 +398,7 @@ class QueueManager(service.Service):
             failed.append(FailedRecipient(
                 address=r.address, status=r.enhanced or "5.0.0", diagnostic=r.last_reply,
                 remote_mta=(r.remote_host or "").split("[")[0] or None,
-                original_recipient=_unxtext(orcpt.split(";", 1)[1])
+                original_recipient=xtext_decode(orcpt.split(";", 1)[1])
                 if orcpt and ";" in orcpt else None))
 
         def build(headers: bytes) -> Deferred:
@@ -413,7 +406,7 @@ class QueueManager(service.Service):
             dsn_id = new_queue_id()
             envid = envelope.params.get("ENVID")
             dsn = build_dsn(reporting_mta=hostname,
-                            envelope_id=_unxtext(envid) if envid else None,
+                            envelope_id=xtext_decode(envid) if envid else None,
                             queue_id=envelope.queue_id, sender=envelope.sender,
                             arrival=envelope.arrived, recipients=failed,
                             original_headers=headers, now=now, message_id_domain=hostname)
@@ -460,10 +453,6 @@ def _discard(_: object) -> None:
 
 # Mail comes from few client addresses: parse each once (ValueError is not cached).
 _client_ip = functools.lru_cache(maxsize=1024)(ip_address)
-
-
-def _unxtext(value: str) -> str:
-    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
 
 
 class UnknownMessage(KeyError):  # noqa: N818 - the name the control protocol uses

@@ -34,7 +34,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaygw.fileio import fsync_dir, write_all
-from relaygw.queue.envelope import Envelope, QueueState
+from relaygw.envelope import Envelope
+from relaygw.queue.state import QueueState
 
 MAGIC = b"RELAYGW-SPOOL 1\n"
 STATE_SUFFIX = ".state"

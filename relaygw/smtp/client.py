@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -28,8 +28,7 @@ from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relaygw.config import DeliveryTimeouts
-from relaygw.delivery.result import (
+from relaygw.results import (
     DELIVERED,
     PERMANENT,
     TRANSIENT,
@@ -37,13 +36,14 @@ from relaygw.delivery.result import (
     permanent,
     transient,
 )
-from relaygw.smtp.dataio import DotStuffer
+from relaygw.smtp.framing import DotStuffer
 from relaygw.smtp.replies import Reply
 from relaygw.smtp.tls import tls_session_info
 from relaygw.smtp.transport import set_no_delay
 
 __all__ = [
     "ClientPolicy",
+    "StageTimeouts",
     "OutboundMessage",
     "ReplyError",
     "ReplyParser",
@@ -56,7 +56,7 @@ TLS_MODES = ("none", "opportunistic", "require", "verify", "implicit")
 MAX_REPLY_LINES = 100
 MAX_REPLY_BYTES = 64 * 1024
 
-# Which DeliveryTimeouts field times each stage; RSET has none of its own and gets MAIL's.
+# Which StageTimeouts field times each stage; RSET has none of its own and gets MAIL's.
 _STAGE_TIMEOUTS = {
     "greeting": "greeting", "EHLO": "helo", "HELO": "helo", "STARTTLS": "starttls",
     "AUTH": "auth", "MAIL FROM": "mail", "RCPT TO": "rcpt", "DATA": "data_init",
@@ -91,6 +91,33 @@ class OutboundMessage:
             raise ValueError("rcpt_params must have one entry per recipient")
 
 
+class StageTimeouts(Protocol):
+    """Seconds per client step (RFC 5321 4.5.3.2); ``[delivery.timeouts]`` in the config."""
+
+    @property
+    def connect(self) -> float: ...
+    @property
+    def greeting(self) -> float: ...
+    @property
+    def helo(self) -> float: ...
+    @property
+    def starttls(self) -> float: ...
+    @property
+    def auth(self) -> float: ...
+    @property
+    def mail(self) -> float: ...
+    @property
+    def rcpt(self) -> float: ...
+    @property
+    def data_init(self) -> float: ...
+    @property
+    def data_block(self) -> float: ...
+    @property
+    def data_done(self) -> float: ...
+    @property
+    def quit(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class ClientPolicy:
     helo_name: str
@@ -99,7 +126,7 @@ class ClientPolicy:
     trust_root: Any = None
     username: str | None = None
     password: str | None = None
-    timeouts: DeliveryTimeouts = DeliveryTimeouts()
+    timeouts: StageTimeouts = field(kw_only=True)
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:

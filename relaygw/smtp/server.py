@@ -4,18 +4,17 @@ One loop reads complete CRLF lines, hands each to a verb handler and writes
 the Reply it returns. While a handler's answer is pending (a policy Deferred,
 the spool commit, a password check) reading stops and the buffer waits, so
 replies leave strictly in command order whatever the client pipelined.
-Policy (who may relay, what a recipient routes to) lives in the injected
-policy object; this module knows the protocol only.
+Policy (who may relay, what a recipient routes to) is the injected
+``InboundPolicy``; what becomes of a message's bytes is the injected
+``MessageSink`` (the receive stage: envelope, trace header, spool, queue). This
+module knows the protocol only: no queue, delivery or configuration.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -24,15 +23,13 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relaygw.address import MailArgs, RcptArgs, parse_helo, parse_mail_from, parse_rcpt_to
-from relaygw.nometrics import NO_METRICS
-from relaygw.queue.envelope import Envelope, EnvelopeRecipient
-from relaygw.queue.store import SpoolError, StoredMessage, new_queue_id
+from relaygw.address import MailArgs, RcptArgs
+from relaygw.smtp.arguments import parse_helo, parse_mail_from, parse_rcpt_to
+from relaygw.observe.null import NO_METRICS
 from relaygw.smtp import auth as sasl
-from relaygw.smtp.dataio import DataReader
+from relaygw.smtp.framing import DataReader
 from relaygw.smtp.replies import (
     BARE_NEWLINE_COMMAND,
-    INSUFFICIENT_STORAGE,
     LINE_TOO_LONG,
     OK,
     SYNTAX_ERROR,
@@ -95,26 +92,56 @@ class Transaction:
 class InboundPolicy(TypingProtocol):
     """Decisions the protocol asks for; each may answer now or with a Deferred."""
 
-    def check_mail(self, session: Session, mail: MailArgs) -> Reply | None | Deferred: ...
+    def check_mail(self, session: Session,
+                   mail: MailArgs) -> Reply | None | Deferred[Reply | None]: ...
 
     def check_rcpt(self, session: Session, mail: MailArgs,
-                   rcpt: RcptArgs) -> Reply | None | Deferred: ...
+                   rcpt: RcptArgs) -> Reply | None | Deferred[Reply | None]: ...
 
-    def final_recipients(self, rcpts: list[RcptArgs]) -> list[EnvelopeRecipient]: ...
+
+class IncomingMessage(TypingProtocol):
+    """One message between DATA and its reply, as the session sees it."""
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        """Message bytes (unstuffed, CRLF); a Deferred asks the session to stop
+        reading until it fires (the disk is behind)."""
+
+    def commit(self) -> Deferred[Reply]:
+        """The end of the data: the reply, once the message is durable (250) or
+        could not be stored (4xx); never fails."""
+
+    def abort(self) -> None:
+        """Forget the message: it was refused, or the client went away."""
+
+
+class MessageSink(TypingProtocol):
+    """Where accepted messages go: the receive stage."""
+
+    def begin(self, session: Session, transaction: Transaction) -> IncomingMessage: ...
+
+
+class SessionMetrics(TypingProtocol):
+    """What sessions count; relaygw.observe implements it."""
+
+    def connection_opened(self, listener: str, tls: bool) -> None: ...
+
+    def connection_closed(self, listener: str) -> None: ...
+
+    def connection_refused(self, reason: str) -> None: ...
+
+    def message_rejected(self, stage: str, code: int, enhanced: str | None) -> None: ...
 
 
 class SMTPServerProtocol(protocol.Protocol):
-    metrics: Any = NO_METRICS
-    def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
-                 authenticator: Any, clock: Any,
-                 on_queued: Callable[[StoredMessage], None] | None = None,
-                 refusal: Reply | None = None) -> None:
+    metrics: SessionMetrics = NO_METRICS
+
+    def __init__(self, settings: ServerSettings, policy: InboundPolicy, sink: MessageSink,
+                 authenticator: Any, clock: Any, refusal: Reply | None = None) -> None:
         self.settings = settings
         self.policy = policy
-        self.spool = spool
+        self.sink = sink
         self.authenticator = authenticator
         self.clock = clock
-        self.on_queued = on_queued
         self.refusal = refusal
         self.session: Session | None = None
         self.transaction: Transaction | None = None
@@ -130,7 +157,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._auth_failures = 0
         self._sasl: Any = None
         self._reader: DataReader | None = None
-        self._writer: Any = None
+        self._message: IncomingMessage | None = None
         self._timer: Any = None
         self._last_activity = 0.0  # clock time of the last complete line
         self._client = ""  # str(session.client_ip), made once for the log lines
@@ -635,28 +662,10 @@ class SMTPServerProtocol(protocol.Protocol):
         return reply
 
     def _start_message(self) -> None:
-        session, transaction = self.session, self.transaction
         self._tls_info()
-        queue_id = new_queue_id()
-        mail = transaction.mail
-        envelope = Envelope(
-            queue_id=queue_id,
-            sender=str(mail.address) if mail.address else "",
-            recipients=tuple(self.policy.final_recipients(transaction.recipients)),
-            arrived=time.time(),
-            client_ip=self._client,
-            client_port=session.client_port,
-            helo=session.helo or "",
-            tls=session.tls_info,
-            auth_user=session.auth_user,
-            params={k: v for k, v in mail.params.items() if k != "SIZE"},
-            smtputf8="SMTPUTF8" in mail.params,
-        )
-        self._writer = self.spool.new_message(envelope)
-        self._writer.write(received_header(self.settings.hostname, session, envelope))
+        self._message = self.sink.begin(self.session, self.transaction)
         self._reader = DataReader(self.settings.max_message_size,
                                   normalize_bare_newlines=self.settings.normalize_bare_newlines)
-        self._envelope = envelope
         self._mode = _DATA
         self._send(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
 
@@ -666,7 +675,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if b"\n" in chunk:
             self._last_activity = self.clock.seconds()  # progress is whole lines, not bytes
         content = reader.feed(chunk)
-        wait = self._writer.write(content) if content else None
+        wait = self._message.write(content) if content else None
         if reader.done:
             self._buffer = reader.remainder + self._buffer
             self._mode = _COMMAND
@@ -674,100 +683,69 @@ class SMTPServerProtocol(protocol.Protocol):
         elif wait is not None:
             self._answer(wait.addCallback(lambda _: None))
 
-    def _finish_message(self) -> Reply | Deferred:
-        reader, writer, envelope = self._reader, self._writer, self._envelope
-        self._reader = self._writer = self._envelope = None
+    def _finish_message(self) -> Reply | Deferred[Reply]:
+        reader, message = self._reader, self._message
+        self._reader = self._message = None
         self._reset_transaction()
         problem = reader.problem
         if problem is None and reader.received_headers > self.settings.max_hops:
             problem = Reply(554, "5.4.6", "Too many hops (mail loop?)")
         if problem is not None:
-            writer.abort()
+            message.abort()
             return self._rejected("data", problem)
-
-        def committed(queue_id: str) -> Reply:
-            log.info("accepted id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} "
-                     "client={client} tls={tls} auth={auth}",
-                     queue_id=queue_id, sender=envelope.sender, size=reader.size,
-                     nrcpt=len(envelope.recipients), client=envelope.client_ip,
-                     tls=envelope.tls, auth=envelope.auth_user, event="accepted")
-            self.metrics.message_accepted(reader.size)
-            self.metrics.tls_inbound(envelope.tls)
-            if self.on_queued is not None:
-                self.on_queued(writer.stored)
-            return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-        def failed(f: Failure) -> Reply:
-            f.trap(SpoolError)
-            log.error("spool write failed id={queue_id}: {error}",
-                      queue_id=envelope.queue_id, error=str(f.value), event="spool_error")
-            reply = INSUFFICIENT_STORAGE if f.value.no_space else TEMP_LOCAL_ERROR
-            self.metrics.message_rejected("data", reply.code, reply.enhanced)
-            return reply
-
-        return writer.commit().addCallbacks(committed, failed)
+        return message.commit()
 
     def _abort_message(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
+        if self._message is not None:
+            self._message.abort()
+            self._message = None
 
-
-def received_header(hostname: str, session: Session, envelope: Envelope) -> bytes:
-    """The trace header, built only from validated values (never raw input)."""
-    proto = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if session.esmtp else "SMTP")
-    if session.tls:
-        proto += "S"
-    if session.auth_user:
-        proto += "A"
-    lines = [f"Received: from {session.helo} ([{session.client_ip}])"]
-    if session.tls_info:
-        version, _, cipher = session.tls_info.partition(" ")
-        lines.append(f"\t(using {version} with cipher {cipher})")
-    lines.append(f"\tby {hostname} (relaygw) with {proto} id {envelope.queue_id}")
-    stamp = format_datetime(datetime.fromtimestamp(envelope.arrived, UTC))
-    if len(envelope.recipients) == 1:
-        lines.append(f"\tfor <{envelope.recipients[0].address}>; {stamp}")
-    else:
-        lines[-1] += ";"
-        lines.append(f"\t{stamp}")
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 class SMTPServerFactory(protocol.Factory):
-    """Builds sessions for one listener and enforces the connection caps."""
+    """Builds sessions for one listener and enforces the connection caps.
 
-    def __init__(self, settings: ServerSettings, policy: InboundPolicy, spool: Any,
+    ``next_tag`` is an opaque value the next session is built with, and
+    ``on_session_end`` is called with it when that session ends: a worker process
+    sets it to the main process's connection id before adopting a socket.
+    """
+
+    def __init__(self, settings: ServerSettings, policy: InboundPolicy, sink: MessageSink,
                  authenticator: Any, clock: Any, *, counter: ConnectionCounter,
-                 on_queued: Callable[[StoredMessage], None] | None = None,
-                 metrics: Any = NO_METRICS, listener: str = "") -> None:
+                 metrics: SessionMetrics = NO_METRICS, listener: str = "",
+                 on_session_end: Callable[[object], None] | None = None) -> None:
         self.settings = settings
         self.policy = policy
-        self.spool = spool
+        self.sink = sink
         self.authenticator = authenticator
         self.clock = clock
-        self.on_queued = on_queued
         self.metrics = metrics
         self.listener = listener
         self.counter = counter  # shared by all listeners: the caps are daemon-wide
+        self.on_session_end = on_session_end
+        self.next_tag: object = None
         self.sessions: set[SMTPServerProtocol] = set()
-        self._drained: Deferred | None = None
+        self._drained: Deferred[None] | None = None
 
     def session_ended(self, proto: SMTPServerProtocol) -> None:
         self.sessions.discard(proto)
+        tag, proto.tag = proto.tag, None
+        if tag is not None and self.on_session_end is not None:
+            self.on_session_end(tag)
         if not self.sessions and self._drained is not None:
             drained, self._drained = self._drained, None
             drained.callback(None)
 
-    def drain(self, grace: float) -> Deferred:
+    def drain(self, grace: float) -> Deferred[None]:
         """Let sessions finish their transactions for up to ``grace`` seconds."""
         for proto in list(self.sessions):
             proto.shutdown()
         if not self.sessions:
             return succeed(None)
-        self._drained = Deferred()
+        drained: Deferred[None] = Deferred()
+        self._drained = drained
         timer = self.clock.callLater(grace, self._grace_over)
-        return self._drained.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+        return drained.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
 
     def _grace_over(self) -> None:
         log.info("shutdown: closing {n} sessions still open after the grace period",
@@ -782,11 +760,12 @@ class SMTPServerFactory(protocol.Factory):
             self.metrics.connection_refused(
                 "max_connections" if self.counter.total >= self.counter.max_total
                 else "max_connections_per_client")
-        proto = _CountedProtocol(self.settings, self.policy, self.spool, self.authenticator,
-                                 self.clock, self.on_queued, refusal)
+        proto = _CountedProtocol(self.settings, self.policy, self.sink, self.authenticator,
+                                 self.clock, refusal)
         proto.factory = self
         proto.metrics = self.metrics
         proto.counted_host = None if refusal else host
+        proto.tag = self.next_tag
         return proto
 
 
@@ -818,7 +797,9 @@ class ConnectionCounter:
 
 
 class _CountedProtocol(SMTPServerProtocol):
+    factory: SMTPServerFactory
     counted_host: str | None = None
+    tag: object = None
 
     def connectionMade(self) -> None:
         self.factory.sessions.add(self)

@@ -11,7 +11,7 @@ import pytest
 
 from relaygw.delivery import maildir as maildir_module
 from relaygw.delivery.maildir import deliver_to_maildir, unique_name
-from relaygw.delivery.result import DELIVERED, TRANSIENT, DeliveryResult
+from relaygw.results import DELIVERED, TRANSIENT, DeliveryResult
 
 SPOOL_HEADER = b"RELAYGW-SPOOL 1\n{\"envelope\": \"not part of the message\"}\n"
 MESSAGE = (b"Received: from client.example ([192.0.2.7])\r\n"

@@ -252,7 +252,7 @@ def dns_server(tmp_path):
     zone_file = tmp_path / "zone.json"
     zone_file.write_text(json.dumps(zone))
     port_file = tmp_path / "dns.port"
-    proc = subprocess.Popen([sys.executable, "-m", "relaygw.testing_dns", "--port-file",
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.dns_server", "--port-file",
                              str(port_file), "--zone-file", str(zone_file)])
     try:
         assert wait_until(port_file.exists, timeout=20)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from relaygw.config import load_config
-from relaygw.explain import explain
+from relaygw.ops.explain import explain
 
 pytestmark = pytest.mark.integration
 

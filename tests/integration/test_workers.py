@@ -2,7 +2,7 @@
 
 Every test asks for two workers itself, whatever RELAYGW_TEST_WORKERS says. The
 worker processes are found in /proc (children of the main pid running
-relaygw.worker), and the worker serving a given client connection is found from
+relaygw.daemon.workers.process), and the worker serving a given client connection is found from
 /proc/net/tcp (the server side's socket inode) and the workers' descriptors.
 """
 
@@ -64,7 +64,7 @@ def worker_pids(daemon) -> dict[int, int]:
         args = _cmdline(entry)
         if stat is None or stat[0] == "Z" or stat[1] != daemon.proc.pid:
             continue
-        if "relaygw.worker" in args and "--index" in args:
+        if "relaygw.daemon.workers.process" in args and "--index" in args:
             found[int(entry)] = int(args[args.index("--index") + 1])
     return found
 
@@ -72,7 +72,7 @@ def worker_pids(daemon) -> dict[int, int]:
 def alive(pid: int) -> bool:
     """Running (not a zombie) and still a relaygw worker: pids are not reused that fast."""
     stat = _stat(pid)
-    return stat is not None and stat[0] != "Z" and "relaygw.worker" in _cmdline(pid)
+    return stat is not None and stat[0] != "Z" and "relaygw.daemon.workers.process" in _cmdline(pid)
 
 
 def running_workers(pids: list[int]) -> list[int]:
@@ -80,7 +80,7 @@ def running_workers(pids: list[int]) -> list[int]:
     out = []
     for pid in pids:
         stat = _stat(str(pid))
-        if "relaygw.worker" in _cmdline(str(pid)) and stat and stat[0] != "Z":
+        if "relaygw.daemon.workers.process" in _cmdline(str(pid)) and stat and stat[0] != "Z":
             out.append(pid)
     return out
 
@@ -606,7 +606,7 @@ def test_a_message_stored_but_not_reported_by_a_dead_worker_is_still_delivered(d
     """A worker killed between its spool commit and its report to the main process
     leaves a queue file nobody queued; after a worker dies the main process looks
     for such files (older than 30 s, so reports on their way have arrived)."""
-    from relaygw.queue.envelope import Envelope, EnvelopeRecipient
+    from relaygw.envelope import Envelope, EnvelopeRecipient
     from relaygw.queue.store import MAGIC
 
     sink = capture()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relaygw.testing_postfix import PostfixInstance, make_directory, unavailable_reason
+from tests.support.postfix import PostfixInstance, make_directory, unavailable_reason
 from tests.integration.conftest import ca, capture, cli, daemon, free_port  # noqa: F401
 
 __all__ = ["ca", "capture", "cli", "daemon", "postfix", "require_tool", "without_dns"]

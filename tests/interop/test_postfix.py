@@ -7,7 +7,7 @@ import smtplib
 
 import pytest
 
-from relaygw.testing_postfix import unavailable_reason
+from tests.support.postfix import unavailable_reason
 from tests.integration.conftest import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 
 from relaygw.config import parse_config
-from relaygw.queue.envelope import (
-    DELIVERED,
-    FAILED,
-    Envelope,
-    EnvelopeRecipient,
-    QueueState,
-)
+from relaygw.envelope import Envelope, EnvelopeRecipient
+from relaygw.queue.state import DELIVERED, FAILED, QueueState
 from relaygw.queue.inspect import (
     details,
     iso,

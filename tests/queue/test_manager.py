@@ -10,8 +10,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from relaygw.config import parse_config
-from relaygw.delivery.result import delivered, permanent, transient
-from relaygw.queue.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeRecipient
+from relaygw.results import delivered, permanent, transient
+from relaygw.envelope import Envelope, EnvelopeRecipient
+from relaygw.queue.state import DELIVERED, FAILED, PENDING
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.store import new_queue_id
 from relaygw.testing import SynchronousSpool

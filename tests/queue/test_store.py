@@ -14,7 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.queue import store
-from relaygw.queue.envelope import DELIVERED, Envelope, EnvelopeRecipient, QueueState
+from relaygw.envelope import Envelope, EnvelopeRecipient
+from relaygw.queue.state import DELIVERED, QueueState
 from relaygw.queue.store import Spool, SpoolError, new_queue_id
 from relaygw.testing import SynchronousSpool
 

@@ -11,8 +11,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from relaygw.config import parse_config
-from relaygw.inbound import ConfiguredPolicy
-from relaygw.queue.envelope import EnvelopeRecipient
+from relaygw.receive.policy import ConfiguredPolicy
+from relaygw.envelope import EnvelopeRecipient
 from relaygw.smtp.server import ConnectionCounter, ServerSettings, SMTPServerFactory
 from relaygw.testing import FakeAuthenticator, SynchronousSpool, TLSStringTransport
 

@@ -25,7 +25,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from relaygw.config import DeliveryTimeouts
-from relaygw.delivery.result import DELIVERED, PERMANENT, TRANSIENT, DeliveryResult
+from relaygw.results import DELIVERED, PERMANENT, TRANSIENT, DeliveryResult
 from relaygw.smtp.client import (
     ClientPolicy,
     OutboundMessage,

@@ -3,7 +3,7 @@ from twisted.application.service import ServiceMaker
 
 relaygw = ServiceMaker(
     "relaygw",
-    "relaygw.tap",
+    "relaygw.daemon.service",
     "SMTP relay and forwarding gateway",
     "relaygw",
 )

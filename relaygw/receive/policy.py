@@ -1,0 +1,60 @@
+"""The inbound policy the SMTP protocol consults: relaying and storage checks.
+
+Built from the configuration by tap.py; the decisions themselves are the pure
+functions of relaygw.receive.relay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from relaygw.address import MailArgs, RcptArgs
+from relaygw.receive.relay import ClientInfo, relay_decision
+from relaygw.routing import RouteContext, expand_aliases, route_recipient
+from relaygw.smtp.replies import INSUFFICIENT_STORAGE, Reply
+from relaygw.smtp.server import Session
+
+
+class ConfiguredPolicy:
+    """Relay rules, routability at RCPT, alias expansion, spool space.
+
+    ``config_source`` returns the current Config, so a reload applies to the
+    next command of every session.
+    """
+
+    def __init__(self, config_source: Callable[[], Any], spool: Any) -> None:
+        self.config_source = config_source
+        self.spool = spool
+
+    def check_mail(self, session: Session, mail: MailArgs) -> Reply | None:
+        free = self.spool.free_bytes
+        declared = int(mail.params.get("SIZE") or 0)
+        if free is not None and free - declared < self.config_source().server.min_free_space:
+            return INSUFFICIENT_STORAGE
+        return None
+
+    def check_rcpt(self, session: Session, mail: MailArgs, rcpt: RcptArgs) -> Reply | None:
+        config = self.config_source()
+        client = ClientInfo(session.client_ip, session.auth_user, session.tls)
+        decision = relay_decision(client, rcpt.address, config.access.trusted_networks,
+                                  config.access.relay_domains, (config.server.hostname,))
+        if decision.reply is not None:
+            return decision.reply
+        # Refuse now what could never be delivered, so the client learns it at once
+        # instead of a bounce later. With aliases, one routable target is enough:
+        # the others bounce at delivery.
+        context = RouteContext(sender=str(mail.address) if mail.address else "",
+                               client_ip=session.client_ip,
+                               authenticated=session.auth_user is not None)
+        first_reject = None
+        address = str(rcpt.address)
+        # Without aliases the expansion is the address itself: skip the table build.
+        targets = expand_aliases(address, config.aliases) if config.aliases else [address]
+        for target in targets:
+            route = route_recipient(target, context, config)
+            if not route.is_reject:
+                return None
+            first_reject = first_reject or route.reply
+        code, enhanced, text = first_reject
+        return Reply(code, enhanced, text)

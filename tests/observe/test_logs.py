@@ -1,0 +1,469 @@
+"""Tests for relaygw.observe.logs: JSON lines with stable fields, the text format, redaction,
+and the twistd hooks."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.app import AppLogger
+from twisted.application.service import ServiceMaker
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, textFileLogObserver
+from twisted.logger._legacy import publishToNewObserver
+from twisted.python import usage
+from twisted.python.log import textFromEventDict
+from twisted.python.reflect import namedAny
+from twisted.scripts import twistd
+
+import relaygw.observe.logs
+from relaygw.observe.logs import (
+    configure_twistd,
+    event_as_dict,
+    json_logger,
+    json_observer,
+    observer_for,
+    redact,
+)
+
+SMTP = "relaygw.smtp.server"
+MAILLOG = "relaygw.maillog"
+
+
+def emitted(namespace: str, emit: Any) -> list[dict[str, Any]]:
+    """Runs ``emit(logger)`` against a JSON observer; each line parsed, times checked."""
+    stream = io.StringIO()
+    log = Logger(namespace=namespace, observer=LogPublisher(json_observer(stream)))
+    before = time.time()
+    emit(log)
+    after = time.time()
+    text = stream.getvalue()
+    assert "\x1e" not in text  # JSON lines, not RFC 7464 sequences
+    assert text.endswith("\n")
+    out = []
+    for line in text.splitlines():
+        obj = json.loads(line)
+        stamp = obj.pop("time")
+        assert stamp.endswith("Z") and len(stamp) == len("2024-05-01T12:00:00.123Z")
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        assert before - 0.001 <= when <= after
+        out.append(obj)
+    return out
+
+
+# -- representative events, exactly -----------------------------------------------------------
+
+def test_inbound_session_events() -> None:
+    def emit(log: Logger) -> None:
+        log.info("connect client={client} port={port} tls={tls}",
+                 client="192.0.2.7", port=40000, tls=False, event="connect")
+        log.info("auth client={client} user={user}", client="192.0.2.7", user="alice",
+                 event="auth")
+        log.info("rejected client={client} stage=rcpt reply={reply}", client="192.0.2.7",
+                 stage="rcpt", reply="550 5.7.1 Relaying denied", event="rejected")
+        log.info("accepted id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} "
+                 "client={client} tls={tls} auth={auth}",
+                 queue_id="4XYZ0001", sender="a@example.org", size=2048, nrcpt=2,
+                 client="192.0.2.7", tls="TLSv1.3 TLS_AES_256_GCM_SHA384", auth="alice",
+                 event="accepted")
+        log.info("disconnect client={client} tls={tls} auth={auth}",
+                 client="192.0.2.7", tls=None, auth=None, event="disconnect")
+        log.info("timeout client={client}", client="192.0.2.7", event="timeout")
+
+    assert emitted(SMTP, emit) == [
+        {"level": "info", "namespace": SMTP, "event": "connect",
+         "message": "connect client=192.0.2.7 port=40000 tls=False",
+         "client": "192.0.2.7", "port": 40000, "tls": False},
+        {"level": "info", "namespace": SMTP, "event": "auth",
+         "message": "auth client=192.0.2.7 user=alice", "client": "192.0.2.7", "user": "alice"},
+        {"level": "info", "namespace": SMTP, "event": "rejected",
+         "message": "rejected client=192.0.2.7 stage=rcpt reply=550 5.7.1 Relaying denied",
+         "client": "192.0.2.7", "stage": "rcpt", "reply": "550 5.7.1 Relaying denied"},
+        {"level": "info", "namespace": SMTP, "event": "accepted",
+         "message": "accepted id=4XYZ0001 from=<a@example.org> size=2048 nrcpt=2 "
+                    "client=192.0.2.7 tls=TLSv1.3 TLS_AES_256_GCM_SHA384 auth=alice",
+         "queue_id": "4XYZ0001", "sender": "a@example.org", "size": 2048, "nrcpt": 2,
+         "client": "192.0.2.7", "tls": "TLSv1.3 TLS_AES_256_GCM_SHA384", "auth": "alice"},
+        {"level": "info", "namespace": SMTP, "event": "disconnect",
+         "message": "disconnect client=192.0.2.7 tls=None auth=None",
+         "client": "192.0.2.7", "tls": None, "auth": None},
+        {"level": "info", "namespace": SMTP, "event": "timeout",
+         "message": "timeout client=192.0.2.7", "client": "192.0.2.7"},
+    ]
+
+
+def test_maillog_events() -> None:
+    # The calls of relaygw.queue.manager, as written there.
+    def emit(maillog: Logger) -> None:
+        maillog.info(
+            "attempt id={queue_id} to=<{rcpt}> route={route} relay={relay} tls={tls} "
+            "delay={delay:.2f} duration={duration:.2f} status={status} reply={reply}",
+            queue_id="4XYZ0001", rcpt="b@example.net", route="routes[1]",
+            relay="mx.example.net[192.0.2.25]:25", tls="TLSv1.3", delay=1.23456,
+            duration=0.5, status="sent", reply="250 2.0.0 Ok", event="attempt")
+        maillog.info("bounced id={queue_id} dsn={dsn_id} to=<{sender}> rcpts={rcpts}",
+                     queue_id="4XYZ0001", dsn_id="4XYZ0002", sender="a@example.org",
+                     rcpts="c@example.net", event="bounced")
+        maillog.info("removed id={queue_id} ({why})", queue_id="4XYZ0001", why="done",
+                     event="removed")
+
+    assert emitted(MAILLOG, emit) == [
+        {"level": "info", "namespace": MAILLOG, "event": "attempt",
+         "message": "attempt id=4XYZ0001 to=<b@example.net> route=routes[1] "
+                    "relay=mx.example.net[192.0.2.25]:25 tls=TLSv1.3 delay=1.23 "
+                    "duration=0.50 status=sent reply=250 2.0.0 Ok",
+         "queue_id": "4XYZ0001", "rcpt": "b@example.net", "route": "routes[1]",
+         "relay": "mx.example.net[192.0.2.25]:25", "tls": "TLSv1.3", "delay": 1.23456,
+         "duration": 0.5, "status": "sent", "reply": "250 2.0.0 Ok"},
+        {"level": "info", "namespace": MAILLOG, "event": "bounced",
+         "message": "bounced id=4XYZ0001 dsn=4XYZ0002 to=<a@example.org> rcpts=c@example.net",
+         "queue_id": "4XYZ0001", "dsn_id": "4XYZ0002", "sender": "a@example.org",
+         "rcpts": "c@example.net"},
+        {"level": "info", "namespace": MAILLOG, "event": "removed",
+         "message": "removed id=4XYZ0001 (done)", "queue_id": "4XYZ0001", "why": "done"},
+    ]
+
+
+def test_plain_log_lines_failures_and_odd_values() -> None:
+    def emit(log: Logger) -> None:
+        log.warn("tls: using self-signed {cert}", cert="/spool/tls/cert.pem")
+        log.info("odd {path} {pair}", path=Path("/x"), pair=("a", 1), raw=b"\x00",
+                 ratio=float("nan"), limit=float("inf"), time="not mine",
+                 message="nor this", namespace="nor this", event=5)
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            log.failure("spool write failed id={queue_id}", queue_id="4XYZ0003")
+
+    warn, odd, failure = emitted("relaygw.daemon.service", emit)
+    assert warn == {"level": "warn", "namespace": "relaygw.daemon.service", "event": "log",
+                    "message": "tls: using self-signed /spool/tls/cert.pem",
+                    "cert": "/spool/tls/cert.pem"}
+    # Objects, tuples and bytes only in the message; NaN and infinity as strings; the
+    # fixed names are never overwritten; a non-string event is no event.
+    assert odd == {"level": "info", "namespace": "relaygw.daemon.service", "event": "log",
+                   "message": "odd /x ('a', 1)", "ratio": "nan", "limit": "inf"}
+    traceback = failure.pop("traceback")
+    assert failure == {"level": "critical", "namespace": "relaygw.daemon.service", "event": "log",
+                       "message": "spool write failed id=4XYZ0003", "queue_id": "4XYZ0003",
+                       "error": "OSError: [Errno 28] No space left on device"}
+    assert traceback.startswith("Traceback (most recent call last):")
+    assert "No space left on device" in traceback
+
+
+def test_one_line_per_event_even_with_newlines_and_non_ascii() -> None:
+    def emit(log: Logger) -> None:
+        log.info("reply={reply}", reply="550 5.1.1 no\r\nsuch user", event="rejected")
+        log.info("from=<{sender}>", sender="jörg@bücher.example\udcff", event="accepted")
+
+    stream = io.StringIO()
+    emit(Logger(namespace=SMTP, observer=LogPublisher(json_observer(stream))))
+    lines = stream.getvalue().split("\n")
+    assert len(lines) == 3 and lines[2] == ""
+    assert lines[0].isascii() and lines[1].isascii()
+    assert json.loads(lines[0])["reply"] == "550 5.1.1 no\r\nsuch user"
+    assert json.loads(lines[1])["sender"] == "jörg@bücher.example\udcff"
+
+
+def test_legacy_events() -> None:
+    events: list[dict[str, Any]] = []
+    legacy = {"message": ("twistd 26.10 starting up.",), "time": 1700000000.5,
+              "system": "-", "isError": 0}
+    publishToNewObserver(events.append, legacy, textFromEventDict)
+    assert event_as_dict(events[0]) == {
+        "time": "2023-11-14T22:13:20.500Z", "level": "info", "namespace": "log_legacy",
+        "event": "log", "message": "twistd 26.10 starting up."}
+
+
+def test_fixed_time_and_level() -> None:
+    event = {"log_format": "hello {who}", "who": "world", "log_time": 0.0001,
+             "log_level": LogLevel.error, "log_namespace": "x", "log_logger": object()}
+    assert event_as_dict(event) == {"time": "1970-01-01T00:00:00.000Z", "level": "error",
+                                    "namespace": "x", "event": "log", "message": "hello world",
+                                    "who": "world"}
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+def test_redact() -> None:
+    fields = {"user": "alice", "password": "p", "Password": "p", "smarthost_password": "p",
+              "secret": "s", "client_secret": "s", "credentials": "c", "authorization": "a",
+              "Authorization": "a", "passwd": "p", "queue_id": "Q"}
+    assert redact(fields) == {"user": "alice", "queue_id": "Q"}
+    assert fields["password"] == "p"  # a copy; the event itself is untouched
+
+
+def careless_auth_events(log: Logger) -> None:
+    """What server.py logs on AUTH, plus the mistakes redaction must catch."""
+    log.info("auth client={client} user={user}", client="192.0.2.7", user="alice",
+             event="auth")
+    log.info("auth failed client={client} user={user} password={password}",
+             client="192.0.2.7", user="alice", password="hunter2", event="auth")
+    log.info("sasl {credentials}", credentials="AGFsaWNlAGh1bnRlcjI=", secret="hunter2",
+             authorization="Basic aHVudGVyMg==")
+    log.info("{missing} {password}", password="hunter2")  # unformattable: shows the event
+
+
+def test_auth_events_never_carry_the_password_in_json() -> None:
+    stream = io.StringIO()
+    careless_auth_events(Logger(namespace=SMTP, observer=LogPublisher(json_observer(stream))))
+    text = stream.getvalue()
+    for secret in ("hunter2", "AGFsaWNlAGh1bnRlcjI=", "aHVudGVyMg=="):
+        assert secret not in text
+    ok, failed, sasl, broken = [json.loads(line) for line in text.splitlines()]
+    assert "password" not in ok and "password" not in failed
+    assert failed["message"] == "auth failed client=192.0.2.7 user=alice password=[redacted]"
+    assert failed["user"] == "alice"
+    assert sasl["message"] == "sasl [redacted]"
+    assert not {"credentials", "secret", "authorization"} & set(sasl)
+    assert broken["message"].startswith("Unable to format event")
+
+
+def test_auth_events_never_carry_the_password_in_text() -> None:
+    stream = io.StringIO()
+    careless_auth_events(Logger(namespace=SMTP,
+                                observer=LogPublisher(observer_for("text", stream))))
+    text = stream.getvalue()
+    for secret in ("hunter2", "AGFsaWNlAGh1bnRlcjI=", "aHVudGVyMg=="):
+        assert secret not in text
+    assert "auth client=192.0.2.7 user=alice\n" in text
+    assert "password=[redacted]" in text
+
+
+# -- the text format and the switch ----------------------------------------------------------
+
+def test_text_format_is_twisteds() -> None:
+    ours, theirs = io.StringIO(), io.StringIO()
+    event = {"log_format": "accepted id={queue_id}", "queue_id": "Q1", "log_time": 1e9,
+             "log_level": LogLevel.info, "log_namespace": SMTP}
+    observer_for("text", ours)(dict(event))
+    textFileLogObserver(theirs)(dict(event))
+    assert ours.getvalue() == theirs.getvalue()
+    assert ours.getvalue().endswith(" [relaygw.smtp.server#info] accepted id=Q1\n")
+
+
+def test_observer_for() -> None:
+    stream = io.StringIO()
+    observer = observer_for("json", stream)
+    assert ILogObserver.providedBy(observer)
+    assert ILogObserver.providedBy(observer_for("text", stream))
+    observer({"log_format": "x", "log_time": 1.0, "log_level": LogLevel.info, "event": "e"})
+    assert json.loads(stream.getvalue())["event"] == "e"
+    with pytest.raises(ValueError, match=r"log format must be one of text, json \(got 'xml'\)"):
+        observer_for("xml", stream)
+
+
+def test_json_logger_writes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    observer = json_logger()
+    assert ILogObserver.providedBy(observer)
+    observer({"log_format": "hi {n}", "n": 1, "log_time": 1.0, "log_level": LogLevel.info,
+              "log_namespace": "t"})
+    assert json.loads(capsys.readouterr().out) == {
+        "time": "1970-01-01T00:00:01.000Z", "level": "info", "namespace": "t",
+        "event": "log", "message": "hi 1", "n": 1}
+
+
+def test_json_logger_under_twistd_applogger() -> None:
+    # twistd --logger relaygw.observe.logs.json_logger, in a child so the global log stays ours.
+    code = (
+        "from twisted.application import app, service\n"
+        "from twisted.logger import Logger\n"
+        "from twisted.python import log as legacy\n"
+        "import relaygw.observe.logs\n"
+        "logger = app.AppLogger({'logger': relaygw.observe.logs.json_logger})\n"
+        "logger.start(service.Application('relaygw'))\n"
+        "Logger(namespace='relaygw.maillog').info('removed id={queue_id} ({why})',"
+        " queue_id='Q1', why='done', event='removed')\n"
+        "legacy.msg('legacy hello')\n"
+        "logger.stop()\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code],
+                            capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["message"].startswith("twistd ")
+    removed = next(line for line in lines if line["event"] == "removed")
+    assert (removed["queue_id"], removed["why"]) == ("Q1", "done")
+    assert any(line["message"] == "legacy hello" for line in lines)
+    assert lines[-1]["message"] == "Server Shut Down."
+
+
+# -- configure_twistd ------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _restore_destination(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relaygw.observe.logs, "_twistd_destination", (None, True))
+
+
+def server_options(**given: Any) -> dict[str, Any]:
+    return {"logger": None, "logfile": None, "nodaemon": False, "syslog": False, **given}
+
+
+def factory_of(options: dict[str, Any]) -> Any:
+    assert options["logger"] == "relaygw.observe.logs.twistd_json_logger"
+    return namedAny(options["logger"])  # what twistd's ServerOptions.postOptions does
+
+
+def test_configure_twistd_json_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    for given in ({"nodaemon": True}, {"nodaemon": True, "logfile": "-"}):
+        options = server_options(**given)
+        configure_twistd(options, "json")
+        observer = factory_of(options)()
+        observer({"log_format": "x", "log_time": 1.0, "log_level": LogLevel.info})
+        assert json.loads(capsys.readouterr().out)["message"] == "x"
+
+
+def test_configure_twistd_json_to_the_logfile(tmp_path: Path) -> None:
+    path = tmp_path / "relaygw.log"
+    options = server_options(logfile=str(path))
+    configure_twistd(options, "json")
+    observer = factory_of(options)()
+    try:
+        observer({"log_format": "to file", "log_time": 1.0, "log_level": LogLevel.info})
+    finally:
+        observer._outFile.close()
+    assert json.loads(path.read_text())["message"] == "to file"
+
+
+def test_configure_twistd_leaves_text_and_explicit_loggers_alone() -> None:
+    options = server_options()
+    configure_twistd(options, "text")
+    assert options == server_options()
+    options = server_options(logger="relaygw.observe.logs.json_logger")
+    configure_twistd(options, "json")
+    assert options["logger"] == "relaygw.observe.logs.json_logger"
+
+
+def test_configure_twistd_refusals() -> None:
+    with pytest.raises(usage.UsageError, match=r"--log-format must be one of text, json"):
+        configure_twistd(server_options(), "xml")
+    with pytest.raises(usage.UsageError, match="JSON logs cannot go to --syslog"):
+        configure_twistd(server_options(syslog=True), "json")
+    options = server_options(logfile="-")  # a daemon cannot log to stdout
+    configure_twistd(options, "json")
+    with pytest.raises(SystemExit):
+        factory_of(options)()
+
+
+class _PluginOptions(usage.Options):
+    """What tap.Options does with --log-format."""
+
+    optParameters = [["log-format", None, None, "text or json"]]  # noqa: N815
+
+    def postOptions(self) -> None:  # noqa: N802
+        configure_twistd(self.parent if self.parent is not None else {},
+                         self["log-format"] or "text")
+
+
+Options = _PluginOptions  # this module doubles as the plugin's module for ServiceMaker
+
+
+@pytest.mark.parametrize(("argv", "factory"), [
+    (["--nodaemon", "relaygw", "--log-format", "json"], "twistd_json_logger"),
+    (["--logfile", "relaygw.log", "relaygw", "--log-format", "json"], "twistd_json_logger"),
+    (["--nodaemon", "relaygw"], "twistd_text_logger"),  # text on stdout: the fast formatter
+    (["--logfile", "relaygw.log", "relaygw"], None),  # a text log file: twistd's own (SIGUSR1)
+    (["--nodaemon", "--logger", "relaygw.observe.logs.json_logger", "relaygw", "--log-format", "json"],
+     "json_logger"),
+])
+def test_configure_twistd_through_twistds_own_option_parsing(argv: list[str],
+                                                             factory: str | None) -> None:
+    plugin = ServiceMaker("relaygw", __name__, "test", "relaygw")
+
+    class ServerOptions(twistd.ServerOptions):
+        def _getPlugins(self, interface: Any) -> list[Any]:  # noqa: N802
+            return [plugin]
+
+    options = ServerOptions()
+    options.parseOptions(argv)
+    chosen = AppLogger(options)._observerFactory
+    if factory is None:
+        assert chosen is None
+    else:
+        assert chosen is getattr(relaygw.observe.logs, factory)
+    with pytest.raises(usage.UsageError, match="JSON logs cannot go to --syslog"):
+        ServerOptions().parseOptions(["--syslog", "relaygw", "--log-format", "json"])
+
+
+# -- the fast formatting is Twisted's formatting ---------------------------------------------
+
+class _Odd:
+    def __format__(self, spec: str) -> str:
+        return f"odd<{spec}>"
+
+
+class _Broken:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+    __format__ = object.__format__
+
+
+def _failure() -> Any:
+    from twisted.python.failure import Failure
+
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        return Failure()
+
+
+FORMAT_CASES = [
+    {"log_format": "accepted id={queue_id} from=<{sender}> size={size} tls={tls}",
+     "queue_id": "Q1", "sender": "", "size": 12, "tls": None},
+    {"log_format": "no fields at all"},
+    {"log_format": ""},
+    {"log_format": "{{braces}} {x} }}{{", "x": 1.5},
+    {"log_format": "multi\nline {x}\nend", "x": "a\nb"},
+    {"log_format": "{missing} here"},
+    {"log_format": "{x!r} {y:>5} {z.real} {f()} {0}", "x": "a", "y": 7, "z": 3, "f": lambda: 9},
+    {"log_format": "{x}", "x": _Odd()},
+    {"log_format": "{x}", "x": _Broken()},
+    {"log_format": "unbalanced {x"},
+    {"log_format": b"bytes {x}", "x": 1},
+    {"log_format": 5},
+    {"log_format": "x", "log_failure": _failure()},
+    {"log_format": "", "log_failure": _failure()},
+    {"message": ("legacy",), "isError": 0},
+    {"log_format": "{x}", "x": "ünïcode \udc80"},
+]
+
+
+@pytest.mark.parametrize("case", FORMAT_CASES)
+@pytest.mark.parametrize("extra", [
+    {"log_time": 1e9 + 0.25, "log_level": LogLevel.info, "log_namespace": SMTP},
+    {"log_time": 1e9 + 0.9999996, "log_level": LogLevel.warn, "log_namespace": "x"},
+    {"log_time": 1.0, "log_system": "sys"},
+    {"log_system": _Broken()},
+    {"log_namespace": None},
+    {},
+])
+def test_fast_formatting_matches_twisted(case: dict, extra: dict) -> None:
+    from twisted.logger import formatEvent
+
+    from relaygw.observe.logs import classic_text, format_event
+
+    event = {**case, **extra}
+    assert format_event(dict(event)) == formatEvent(dict(event))
+    for _ in range(2):  # parsed once, then from the cache
+        ours, theirs = io.StringIO(), io.StringIO()
+        observer_for("text", ours)(dict(event))
+        textFileLogObserver(theirs)(dict(event))
+        assert ours.getvalue() == theirs.getvalue()
+    assert classic_text(dict(event)) == (theirs.getvalue() or None)
+
+
+def test_time_stamps_follow_the_clock_across_seconds() -> None:
+    from twisted.logger import formatTime
+
+    from relaygw.observe.logs import _format_time
+
+    for when in (1e9, 1e9 + 0.5, 1e9 + 1.0, 1e9 + 0.9999999, 1e9 + 61.2, 1e9 + 0.1, None, -1.5):
+        assert _format_time(when) == formatTime(when)
