@@ -834,3 +834,10 @@ def _reply(text: str) -> tuple[int, str, str]:
     if enhanced[0] != match[1][0]:
         raise ValueError(f"enhanced code {enhanced} does not match reply code {code}")
     return code, enhanced, reply_text
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """The config at ``path``, or without one the embedded default under ./relaygw-data."""
+    if path is None:
+        return default_config(Path.cwd() / "relaygw-data")
+    return load_config(path)

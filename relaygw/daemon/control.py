@@ -46,7 +46,7 @@ __all__ = ["SOCKET_NAME", "ControlError", "ControlService", "DaemonNotRunning", 
            "socket_path"]
 
 # The namespace log lines have always carried: operators grep for it.
-log = Logger(namespace="relaygw.daemon.control")
+log = Logger(namespace="relaygw.control")
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 1024 * 1024  # bytes in one request line

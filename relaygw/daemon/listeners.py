@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 # The namespace log lines have always carried: operators grep for it.
-log = Logger(namespace="relaygw.daemon.listeners")
+log = Logger(namespace="relaygw.listener")
 
 
 class ListenError(Exception):

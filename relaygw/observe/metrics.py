@@ -50,7 +50,7 @@ from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Site
 from relaygw.observe.null import NO_METRICS, NullMetrics
 
 # The namespace log lines have always carried: operators grep for it.
-log = Logger(namespace="relaygw.observe.metrics")
+log = Logger(namespace="relaygw.metrics")
 
 __all__ = ["NO_METRICS", "NullMetrics", "Metrics", "MetricsService", "HealthCheck",
            "metrics_resource", "smarthost_circuits"]

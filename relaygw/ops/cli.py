@@ -9,14 +9,14 @@ from pathlib import Path
 
 from relaygw.ops.route_commands import add_commands as add_route_commands
 from relaygw.ops.queue_commands import add_commands as add_queue_commands
-from relaygw.config import ConfigError
+from relaygw.ops.config_loading import load_or_report
 
 
 def _run(args: argparse.Namespace) -> int:
     from twisted.application.service import ServiceMaker
     from twisted.scripts import twistd
 
-    maker = ServiceMaker("relaygw", "relaygw.daemon.service", "SMTP relay and forwarding gateway", "relaygw")
+    maker = ServiceMaker("relaygw", "relaygw.daemon.tap", "SMTP relay and forwarding gateway", "relaygw")
 
     class Options(twistd.ServerOptions):
         # Name our own plugin rather than scanning for it, so `relaygw run`
@@ -42,16 +42,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from relaygw.daemon.service import load
-
-    try:
-        config = load(args.config)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
+    if load_or_report(args.config) is None:
         return 1
-    for warning in config.warnings:
-        print(f"warning: {warning}")
     source = args.config or "built-in default"
     print(f"{source}: configuration is valid")
     return 0

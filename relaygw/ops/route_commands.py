@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from relaygw.config import ConfigError
+from relaygw.ops.config_loading import load_or_report
 
 __all__ = ["EXIT_ACCEPTED", "EXIT_REFUSED", "EXIT_USAGE", "add_commands", "run_explain"]
 
@@ -75,16 +75,10 @@ def add_commands(subparsers: Any) -> None:
 def run_explain(args: argparse.Namespace) -> int:
     """The handler of ``relaygw route explain``; returns the exit status."""
     from relaygw.ops.explain import explain, render_text, resolve
-    from relaygw.daemon.service import load
 
-    try:
-        config = load(args.config)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
+    config = load_or_report(args.config, warnings=sys.stderr)  # stdout may be JSON
+    if config is None:
         return EXIT_USAGE
-    for warning in config.warnings:  # stderr: stdout may be JSON
-        print(f"warning: {warning}", file=sys.stderr)
     result = explain(config, args.sender, args.recipient, client_ip=args.client_ip,
                      auth_user=args.auth_user)
     if args.resolve:

@@ -13,7 +13,11 @@ commit that is waiting at the time (group commit), so many messages arriving
 together cost one directory sync. All disk work runs in the spool's own thread
 pool, and a change and the directory sync that makes it durable run in the same
 task (one trip to the pool, not two); nothing here blocks the reactor thread
-except ``recover``, which runs before the listeners start.
+except ``recover``, which runs before the listeners start, and the methods that say
+"Blocking", which callers run through ``run`` (or outside the daemon).
+
+Message bytes are read through :meth:`Spool.content`, a
+:class:`relaygw.queue.content.SpoolContent`: nobody else opens queue files.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +37,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relaygw.fileio import fsync_dir, write_all
 from relaygw.envelope import Envelope
+from relaygw.fileio import fsync_dir, write_all
+from relaygw.queue.content import SpoolContent
 from relaygw.queue.state import QueueState
 
 MAGIC = b"RELAYGW-SPOOL 1\n"
@@ -71,6 +76,19 @@ class StoredMessage:
     state: QueueState
     content_offset: int  # where the message bytes start in the queue file
     size: int  # message bytes
+
+    def encode(self) -> bytes:
+        """A just-committed message as a worker reports it: ``OFFSET SIZE ENVELOPE-JSON``
+        (the state is the initial one, so it is not sent)."""
+        return b"%d %d %s" % (self.content_offset, self.size, self.envelope.to_json())
+
+    @classmethod
+    def decode(cls, raw: bytes) -> StoredMessage:
+        """The message :meth:`encode` describes; ValueError (or KeyError, TypeError) when
+        ``raw`` is not one."""
+        offset, size, envelope_json = raw.split(b" ", 2)
+        envelope = Envelope.from_json(envelope_json)
+        return cls(envelope, QueueState.initial(envelope), int(offset), int(size))
 
 
 class _Batch:
@@ -147,12 +165,13 @@ class Spool:
         for leftover in sorted(self.tmp_dir.iterdir()):
             log.warn("spool: removed incomplete file {path}", path=str(leftover))
             leftover.unlink()
-        names = {p.name for p in self.queue_dir.iterdir()}
+        names = [entry.name for entry in self._scan()]
+        present = set(names)
         messages = []
-        for name in sorted(names):
+        for name in names:
             path = self.queue_dir / name
             if name.endswith(STATE_SUFFIX):
-                if name[: -len(STATE_SUFFIX)] not in names:
+                if name[: -len(STATE_SUFFIX)] not in present:
                     # Left behind when a finished message was removed.
                     log.info("spool: removed stale state file {path}", path=str(path))
                     path.unlink()
@@ -173,6 +192,32 @@ class Spool:
                   queue_id=queue_id, dir=str(self.corrupt_dir), reason=reason)
 
     # -- reading ----------------------------------------------------------
+
+    def _scan(self) -> list[os.DirEntry[str]]:
+        """Blocking: every entry of queue/, by name (queue ids sort by arrival)."""
+        with os.scandir(self.queue_dir) as it:
+            return sorted(it, key=lambda entry: entry.name)
+
+    def queue_ids(self) -> list[str]:
+        """Blocking: the messages in queue/ (state files skipped), oldest first.
+        FileNotFoundError when there is no queue directory."""
+        return [e.name for e in self._scan() if not e.name.endswith(STATE_SUFFIX)]
+
+    def unqueued(self, known: Container[str], older_than: float) -> list[str]:
+        """Blocking: ids of messages in queue/ that are not in ``known`` and whose file was
+        last changed before the Unix time ``older_than``; files removed meanwhile are
+        skipped. For messages a worker stored but never reported (run it in ``run``)."""
+        found = []
+        for entry in self._scan():
+            name = entry.name
+            if name.endswith(STATE_SUFFIX) or name in known:
+                continue
+            try:
+                if entry.stat().st_mtime < older_than:
+                    found.append(name)
+            except FileNotFoundError:  # delivered and removed meanwhile
+                continue
+        return found
 
     def _load(self, queue_id: str) -> StoredMessage:
         path = self.queue_dir / queue_id
@@ -203,10 +248,13 @@ class Spool:
         """Deferred[StoredMessage] for one queued message."""
         return self.run(self._load, queue_id)
 
-    def content_path(self, queue_id: str) -> str:
-        # A plain string: pathlib's parsing costs more than the rest of an attempt's
-        # bookkeeping, and every consumer hands the path to open().
-        return self._queue_prefix + queue_id
+    def content(self, stored: StoredMessage) -> SpoolContent:
+        """The message bytes of ``stored``, read in this spool's thread pool (or, with
+        the blocking methods, in the caller's thread)."""
+        # A plain string path: pathlib's parsing costs more than the rest of an attempt's
+        # bookkeeping.
+        return SpoolContent(self._queue_prefix + stored.envelope.queue_id,
+                            stored.content_offset, stored.size, self.run)
 
     # -- writing ----------------------------------------------------------
 

@@ -16,7 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -91,7 +92,7 @@ class OutboundMessage:
             raise ValueError("rcpt_params must have one entry per recipient")
 
 
-class StageTimeouts(Protocol):
+class StageTimeouts(TypingProtocol):
     """Seconds per client step (RFC 5321 4.5.3.2); ``[delivery.timeouts]`` in the config."""
 
     @property

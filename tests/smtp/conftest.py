@@ -1,4 +1,5 @@
-"""A server protocol over an in-memory transport, a fake clock and a real spool."""
+"""A server protocol over an in-memory transport, a fake clock, and the real receive
+stage writing to a real spool."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from relaygw.config import parse_config
+from relaygw.daemon.wiring import build_cleanup
+from relaygw.observe.null import NO_METRICS
 from relaygw.receive.policy import ConfiguredPolicy
-from relaygw.envelope import EnvelopeRecipient
 from relaygw.smtp.server import ConnectionCounter, ServerSettings, SMTPServerFactory
 from relaygw.testing import FakeAuthenticator, SynchronousSpool, TLSStringTransport
 
@@ -72,13 +74,13 @@ class Harness:
             "routes": self.routes,
         }, Path("/nonexistent"))
 
-    def factory(self, **settings):
+    def factory(self, policy=None, **settings):
         config = self.config()
-        policy = ConfiguredPolicy(lambda: config, self.spool)
-        return SMTPServerFactory(replace(self.settings, **settings), policy, self.spool,
+        sink = build_cleanup(self.spool, self.queued.append, lambda: config, NO_METRICS)
+        return SMTPServerFactory(replace(self.settings, **settings),
+                                 policy or ConfiguredPolicy(lambda: config, self.spool), sink,
                                  self.authenticator, self.clock,
-                                 counter=ConnectionCounter(10, 3),
-                                 on_queued=self.queued.append)
+                                 counter=ConnectionCounter(10, 3))
 
     def connect(self, client_ip="127.0.0.1", **settings) -> Session:
         return Session(self.factory(**settings), client_ip)
@@ -90,8 +92,7 @@ class Harness:
         return sorted(p.name for p in self.spool.queue_dir.iterdir())
 
     def message(self, queue_id: str) -> bytes:
-        stored = self.spool._load(queue_id)
-        return Path(self.spool.content_path(queue_id)).read_bytes()[stored.content_offset:]
+        return self.spool.content(self.spool._load(queue_id)).read_all()
 
 
 @pytest.fixture
@@ -118,6 +119,3 @@ class SlowPolicy:
         d = Deferred()
         self.pending.append(d)
         return d
-
-    def final_recipients(self, rcpts):
-        return [EnvelopeRecipient(str(r.address), r.params) for r in rcpts]

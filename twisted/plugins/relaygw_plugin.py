@@ -3,7 +3,7 @@ from twisted.application.service import ServiceMaker
 
 relaygw = ServiceMaker(
     "relaygw",
-    "relaygw.daemon.service",
+    "relaygw.daemon.tap",
     "SMTP relay and forwarding gateway",
     "relaygw",
 )

@@ -5,8 +5,8 @@ connection caps (so they stay daemon-wide), and hands each client socket to the
 least busy ready worker over that worker's UNIX socket (SCM_RIGHTS). Workers
 report back which connections ended, the messages they queued (the envelope,
 so the queue manager takes them without re-reading), their metrics events and
-their log events (so the daemon keeps one log). See ``relaygw.daemon.workers.process`` for the
-messages.
+their log events (so the daemon keeps one log). ``relaygw.daemon.workers.channel``
+lists the messages.
 
 A worker that dies is started again (after a pause that grows while it keeps
 dying); its connections are released. A reload starts a new set of workers
@@ -36,15 +36,13 @@ from twisted.python.failure import Failure
 from relaygw.config import ListenerConfig
 from relaygw.daemon.listeners import BindingService, ListenError
 from relaygw.observe.null import NullMetrics
-from relaygw.envelope import Envelope
-from relaygw.queue.state import QueueState
 from relaygw.queue.store import StoredMessage
 from relaygw.smtp.replies import Reply
 from relaygw.smtp.server import ConnectionCounter
-from relaygw.daemon.workers.process import MAX_LINE
+from relaygw.daemon.workers.channel import MAX_LINE, METRIC_EVENTS, ChannelFactory
 
 # The namespace log lines have always carried: operators grep for it.
-log = Logger(namespace="relaygw.daemon.workers.pool")
+log = Logger(namespace="relaygw.handoff")
 
 ACCEPT_BATCH = 64  # connections taken per readable event, so one port cannot starve the rest
 BACKLOG = 511
@@ -64,7 +62,6 @@ FLOW_LOW = 500
 FLOW_STALL = 1.0
 FLOW_POLL = 0.1  # seconds between checks while paused
 NO_WORKER = Reply(421, "4.3.0", "Service temporarily unavailable, try again later", close=True)
-_METRIC_EVENTS = frozenset(("message_accepted", "message_rejected", "tls_inbound"))
 
 
 class HandoffListener(BindingService):
@@ -174,22 +171,6 @@ class _WorkerChannel(LineOnlyReceiver):
         self.worker.channel = None
 
 
-class _ChannelFactory:
-    def __init__(self, worker: _Worker) -> None:
-        self.worker = worker
-
-    def doStart(self) -> None:
-        pass
-
-    def doStop(self) -> None:
-        pass
-
-    def buildProtocol(self, addr: Any) -> _WorkerChannel:
-        channel = _WorkerChannel(self.worker)
-        self.worker.channel = channel
-        return channel
-
-
 class _WorkerProcess(ProcessProtocol):
     def __init__(self, worker: _Worker) -> None:
         self.worker = worker
@@ -217,6 +198,10 @@ class _Worker:
         self.conns: dict[int, tuple[str, str, socket.socket | None]] = {}
         self.exited: Deferred = Deferred()
 
+    def open_channel(self) -> _WorkerChannel:
+        self.channel = _WorkerChannel(self)
+        return self.channel
+
     @property
     def accepting(self) -> bool:
         return self.ready and not self.retired and self.channel is not None
@@ -243,14 +228,11 @@ class _Worker:
         elif kind == b"X":
             pool.release(self, int(rest))
         elif kind == b"Q":
-            offset, size, raw = rest.split(b" ", 2)
-            envelope = Envelope.from_json(raw)
-            pool.on_queued(StoredMessage(envelope, QueueState.initial(envelope),
-                                         int(offset), int(size)))
+            pool.on_queued(StoredMessage.decode(rest))
             pool.check_flow()
         elif kind == b"m":
             name, args = json.loads(rest)
-            if name in _METRIC_EVENTS:
+            if name in METRIC_EVENTS:
                 getattr(pool.metrics, name)(*args)
         elif kind == b"L":
             pool.log_event(self, rest)
@@ -351,7 +333,7 @@ class WorkerPool(service.Service):
                 _WorkerProcess(worker), self.command[0], args, env=dict(os.environ),
                 childFDs={1: 1, 2: 2, 3: worker_end.fileno()})
             self.reactor.adoptStreamConnection(main_end.fileno(), socket.AF_UNIX,
-                                               _ChannelFactory(worker))
+                                               ChannelFactory(worker.open_channel))
         finally:
             main_end.close()
             worker_end.close()

@@ -8,19 +8,8 @@ process the message's envelope, so the main process never re-reads it; if that
 report is lost with a crashed main process, the message is on disk and the next
 start-up finds it, as after any crash.
 
-The channel to the main process is a UNIX stream socket (fd 3), one line a
-message (see ``relaygw.daemon.workers.pool`` for the main process's side):
-
-    main -> worker   ``K <base64 pickle>`` first: the configuration (and users) to serve,
-                     the main process's, not the file on disk, which may have changed
-                     ``C <id> <listener> <family>`` with the client socket attached
-                     ``R`` retire (after a reload): take no more, exit when the
-                     sessions have ended; ``D`` drain (shutdown): finish the
-                     transactions within the grace, then exit
-    worker -> main   ``H`` ready; ``A <id>`` adopted (the main process closes its copy);
-                     ``X <id>`` that connection ended; ``Q <offset> <size> <envelope>``
-                     a message is durably queued; ``m <json>`` a metrics event;
-                     ``L <json>`` a log event.
+The channel to the main process is a UNIX stream socket (fd 3); its messages
+are listed in ``relaygw.daemon.workers.channel``.
 """
 
 from __future__ import annotations
@@ -47,22 +36,21 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from relaygw import front
 from relaygw.config import Config
-from relaygw.receive.policy import ConfiguredPolicy
+from relaygw.daemon import wiring
+from relaygw.daemon.gc_tuning import quiet_garbage_collector
+from relaygw.daemon.workers.channel import MAX_LINE, ChannelFactory
 from relaygw.observe.logs import FORMATS, observer_for
 from relaygw.observe.null import NullMetrics
 from relaygw.queue.service import FREE_SPACE_INTERVAL
 from relaygw.queue.store import Spool, StoredMessage
-from relaygw.daemon.gc_tuning import quiet_garbage_collector
-from relaygw.smtp.auth import Authenticator
-from relaygw.smtp.server import ConnectionCounter, SMTPServerFactory
+from relaygw.receive.policy import ConfiguredPolicy
+from relaygw.smtp.server import ConnectionCounter
 
 # The namespace log lines have always carried: operators grep for it.
-log = Logger(namespace="relaygw.daemon.workers.process")
+log = Logger(namespace="relaygw.worker")
 
 CHANNEL_FD = 3
-MAX_LINE = 4 * 1024 * 1024  # an envelope with many long recipients, a traceback
 _UNLIMITED = 1 << 62  # the main process enforces the connection caps
 PR_SET_PDEATHSIG = 1
 
@@ -108,25 +96,6 @@ class ForwardedMetrics(NullMetrics):
 
     def tls_inbound(self, version: str | None) -> None:
         self._event("tls_inbound", version)
-
-
-class _HandedSessions(SMTPServerFactory):
-    """Session factory that tells the main process when each connection ends."""
-
-    adopting = 0
-    on_closed: Callable[[int], None] = staticmethod(lambda conn_id: None)
-
-    def buildProtocol(self, addr: Any) -> Any:
-        proto = super().buildProtocol(addr)
-        proto.handoff_id = self.adopting
-        return proto
-
-    def session_ended(self, proto: Any) -> None:
-        super().session_ended(proto)
-        conn_id = getattr(proto, "handoff_id", None)
-        if conn_id is not None:
-            proto.handoff_id = None
-            self.on_closed(conn_id)
 
 
 @implementer(IFileDescriptorReceiver)
@@ -215,7 +184,7 @@ class Worker:
         self.retiring = False
         self.exit_code = 0
         self._exited = False
-        self.factories: dict[str, tuple[_HandedSessions, Any]] = {}
+        self.sessions: dict[str, wiring.Sessions] = {}  # by listener address
         self.spool_pool = ThreadPool(minthreads=2, maxthreads=16, name="relaygw-spool")
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="relaygw-auth")
         self._free_space = LoopingCall(self._refresh_free_space)
@@ -223,7 +192,8 @@ class Worker:
 
     def start(self, channel_fd: int) -> None:
         """Connect to the main process; its first message is the configuration."""
-        self.reactor.adoptStreamConnection(channel_fd, socket.AF_UNIX, _ChannelFactory(self))
+        self.reactor.adoptStreamConnection(channel_fd, socket.AF_UNIX,
+                                           ChannelFactory(lambda: _Channel(self)))
         os.close(channel_fd)
 
     def configure(self, snapshot: bytes) -> None:
@@ -234,27 +204,23 @@ class Worker:
         config, users = pickle.loads(snapshot)  # noqa: S301
         self.config = config
         try:
-            tls = front.tls_options(config, announce=False)
-        except front.StartupError as e:
+            prepared = wiring.Prepared(users, wiring.tls_options(config, announce=False))
+        except wiring.StartupError as e:
             log.error("worker {index} cannot start: {error}", index=self.index, error=str(e))
             self.exit_code = 2
             self.draining = True
             self._exit()
             return
         self.spool = Spool(config.server.spool_dir, self.reactor, self.spool_pool)
-        authenticator = (Authenticator(users, self.auth_pool, self.reactor)
-                         if users is not None else None)
-        policy = ConfiguredPolicy(lambda: config, self.spool)
-        counter = ConnectionCounter(_UNLIMITED, _UNLIMITED)
         metrics = ForwardedMetrics(self._send)
-        for listener in config.listeners:
-            factory = _HandedSessions(
-                front.settings(config, listener, tls), policy, self.spool, authenticator,
-                self.reactor, counter=counter, on_queued=self._queued, metrics=metrics,
-                listener=listener.address)
-            factory.on_closed = self._closed
-            self.factories[listener.address] = (factory,
-                                                front.outer_factory(factory, listener, tls))
+        # The sink of this process: the message is spooled here, then reported.
+        cleanup = wiring.build_cleanup(self.spool, self._queued, lambda: config, metrics)
+        built = wiring.build_sessions(
+            config, prepared, policy=ConfiguredPolicy(lambda: config, self.spool),
+            sink=cleanup, auth=wiring.authenticator(prepared, self.auth_pool, self.reactor),
+            reactor=self.reactor, counter=ConnectionCounter(_UNLIMITED, _UNLIMITED),
+            metrics=metrics, on_session_end=self._closed)
+        self.sessions = {listener.address: s for listener, s in built.items()}
         self.spool_pool.start()
         self.auth_pool.start()
         self._free_space.start(FREE_SPACE_INTERVAL, now=True)
@@ -275,12 +241,11 @@ class Worker:
 
     def adopt(self, conn_id: int, listener: str, family: int, fd: int) -> None:
         try:
-            entry = self.factories.get(listener)
-            if fd < 0 or entry is None or self.draining or self.retiring:
+            sessions = self.sessions.get(listener)
+            if fd < 0 or sessions is None or self.draining or self.retiring:
                 raise ValueError(f"cannot take connection {conn_id} for {listener}")
-            factory, outer = entry
-            factory.adopting = conn_id
-            self.reactor.adoptStreamConnection(fd, family, outer)
+            sessions.factory.next_tag = conn_id  # given back to _closed when it ends
+            self.reactor.adoptStreamConnection(fd, family, sessions.outer)
         except Exception:
             log.failure("worker {index}: connection hand-over failed", index=self.index)
             self._send(b"A", b"%d" % conn_id)
@@ -291,13 +256,13 @@ class Worker:
             if fd >= 0:
                 os.close(fd)
 
-    def _closed(self, conn_id: int) -> None:
+    def _closed(self, conn_id: object) -> None:
         self._send(b"X", b"%d" % conn_id)
         if self.retiring and not self.draining and not self._sessions():
             self._exit()
 
     def _sessions(self) -> int:
-        return sum(len(factory.sessions) for factory, _ in self.factories.values())
+        return sum(len(s.factory.sessions) for s in self.sessions.values())
 
     def retire(self) -> None:
         """A reload replaced this worker: the sessions go on to their end, then exit."""
@@ -307,8 +272,7 @@ class Worker:
             self._exit()
 
     def _queued(self, stored: StoredMessage) -> None:
-        self._send(b"Q", b"%d %d %s" % (stored.content_offset, stored.size,
-                                       stored.envelope.to_json()))
+        self._send(b"Q", stored.encode())
 
     def drain(self) -> None:
         """Finish the open sessions (up to the shutdown grace), then exit."""
@@ -316,7 +280,7 @@ class Worker:
             return
         self.draining = True
         grace = self.config.server.shutdown_grace if self.config is not None else 0.0
-        done = [factory.drain(grace) for factory, _ in self.factories.values()]
+        done = [s.factory.drain(grace) for s in self.sessions.values()]
         DeferredList(done, consumeErrors=True).addBoth(lambda _: self._exit())
 
     def main_gone(self) -> None:
@@ -341,20 +305,6 @@ class Worker:
         self.spool_pool.stop()
         self.auth_pool.stop()
         self.reactor.stop()
-
-
-class _ChannelFactory:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
-    def doStart(self) -> None:
-        pass
-
-    def doStop(self) -> None:
-        pass
-
-    def buildProtocol(self, addr: Any) -> _Channel:
-        return _Channel(self.worker)
 
 
 def _die_with_parent(parent: int) -> None:
