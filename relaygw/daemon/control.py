@@ -29,7 +29,7 @@ import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -39,8 +39,10 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from relaygw.delivery.courier import MessageContent
 from relaygw.queue.inspect import details, matches, parse_age, read_content, summarise
-from relaygw.queue.manager import UnknownMessage
+from relaygw.queue.manager import QueuedMessage, UnknownMessage
+from relaygw.queue.store import StoredMessage
 
 __all__ = ["SOCKET_NAME", "ControlError", "ControlService", "DaemonNotRunning", "call",
            "socket_path"]
@@ -75,6 +77,26 @@ class DaemonNotRunning(ControlError):  # noqa: N818 - reads as the condition it 
 
 class BadRequestError(Exception):
     """A request the server cannot act on; the message is sent back as the error."""
+
+
+class _Queue(Protocol):
+    """What the control socket needs of the QueueManager (its actions are looked up by
+    name: flush, hold, release, delete, bounce)."""
+
+    @property
+    def clock(self) -> Any: ...
+
+    def messages(self) -> list[QueuedMessage]: ...
+
+    def message(self, queue_id: str) -> QueuedMessage | None: ...
+
+    def flush(self, ids: list[str] | None = None) -> list[str]: ...
+
+
+class _Spool(Protocol):
+    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]: ...
+
+    def content(self, stored: StoredMessage) -> MessageContent: ...
 
 
 # -- client ----------------------------------------------------------------------------------
@@ -197,7 +219,7 @@ class ControlService(service.Service):
 
     name = "control"
 
-    def __init__(self, socket_path: Path, manager: Any, spool: Any,
+    def __init__(self, socket_path: Path, manager: _Queue, spool: _Spool,
                  config_source: Callable[[], Any], reload: Callable[[], Deferred],
                  reactor: Any) -> None:
         self.socket_path = Path(socket_path)
@@ -333,11 +355,12 @@ class ControlService(service.Service):
                 raise BadRequestError(f"{cmd}: {key} must be a string")
         config = self.config_source()
         now = self._now()
-        entries = sorted((e for e in self.manager.entries.values() if not e.deleted),
-                         key=lambda e: (e.stored.envelope.arrived, e.queue_id))
+        messages = sorted((m for m in self.manager.messages() if not m.deleted),
+                          key=lambda m: (m.stored.envelope.arrived, m.queue_id))
         rows = []
-        for entry in entries:
-            row = summarise(entry.stored.envelope, entry.state, entry.stored.size, now, config)
+        for message in messages:
+            row = summarise(message.stored.envelope, message.state, message.stored.size, now,
+                            config)
             if matches(row, **filters):
                 rows.append(row)
         return rows
@@ -348,16 +371,17 @@ class ControlService(service.Service):
         if not isinstance(queue_id, str) or not queue_id:
             raise BadRequestError(f"{cmd}: id must be a queue id")
         body = bool(args.get("body", False))
-        entry = self.manager.entries.get(queue_id)
-        if entry is None or entry.deleted:
+        queued = self.manager.message(queue_id)
+        if queued is None or queued.deleted:
             raise UnknownMessage([queue_id])
-        stored = entry.stored
-        d = self.spool.run(read_content, self.spool.content_path(queue_id),
-                           stored.content_offset, body)
+        stored = queued.stored
+        d = self.spool.run(read_content, self.spool.content(stored), body)
 
         def build(content: tuple[bytes, bytes | None]) -> dict[str, Any]:
             headers, message = content
-            return details(stored.envelope, entry.state, stored.size, self._now(), headers,
+            # The state as it is now, after the read (an attempt may have ended meanwhile).
+            state = (self.manager.message(queue_id) or queued).state
+            return details(stored.envelope, state, stored.size, self._now(), headers,
                            message, self.config_source())
 
         def gone(failure: Failure) -> Failure:

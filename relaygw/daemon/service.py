@@ -30,8 +30,8 @@ from relaygw.daemon import wiring
 from relaygw.daemon.control import ControlService, socket_path
 from relaygw.daemon.gc_tuning import quiet_garbage_collector
 from relaygw.daemon.listeners import BindingService, ListenError, ListenerService
-from relaygw.daemon.workers.pool import HandoffListener, WorkerPool
 from relaygw.daemon.wiring import ConfigHolder, Prepared, StartupError
+from relaygw.daemon.workers.pool import HandoffListener, WorkerPool
 from relaygw.observe.metrics import (
     HealthCheck,
     Metrics,

@@ -1,8 +1,8 @@
 """RFC 3464 delivery status notifications: the bounce and the delay notice.
 
-Pure functions, no Twisted: ``build_dsn`` returns the DSN as bytes, ready for the spool, and
-``extract_headers`` (blocking file I/O, for the spool's thread pool) reads the header section of a
-stored message to attach to it.
+Pure functions, no Twisted and no file I/O: ``build_dsn`` returns the DSN as bytes, ready for the
+spool; the header section of the failed message to attach to it comes from the message's content
+(``MessageContent.headers()``, read by the spool).
 
 The bytes are generated here, not by the ``email`` package, so that the output is deterministic and
 byte-exact: CRLF line ends only, every line at most 998 octets (RFC 5322 §2.1.1), fields folded at
@@ -26,9 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from pathlib import Path
 
-__all__ = ["FailedRecipient", "build_dsn", "extract_headers", "should_bounce"]
+__all__ = ["FailedRecipient", "build_dsn", "should_bounce"]
 
 ACTIONS = ("failed", "delayed")
 MAX_LINE = 998  # octets before CRLF (RFC 5322 §2.1.1)
@@ -130,31 +129,6 @@ def build_dsn(*, reporting_mta: str, envelope_id: str | None, queue_id: str, sen
         delimiter, b"--\r\n",
     ]
     return b"".join(out)
-
-
-def extract_headers(message_path: Path, content_offset: int, limit: int = 65536) -> bytes:
-    """The header section of the message stored at ``message_path[content_offset:]``.
-
-    Everything before the first empty line (which is not included), line ends as stored. At most
-    ``limit`` bytes: a longer header section is cut after its last complete line. Blocking; raises
-    ``OSError`` when the file cannot be read.
-    """
-    if limit < 0:
-        raise ValueError("limit must not be negative")
-    with open(message_path, "rb") as f:
-        f.seek(content_offset)
-        data = f.read(limit + 1)
-    cut = len(data) > limit  # more follows: the last line read may be incomplete
-    data = data[:limit]
-    start = 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        if end == -1:
-            return data[:start] if cut else data  # a final line without its line end
-        if data[start:end] in (b"", b"\r"):
-            return data[:start]  # the empty line that ends the header section
-        start = end + 1
-    return data
 
 
 # -- the three parts -------------------------------------------------------------------------------

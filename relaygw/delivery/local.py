@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 
+from relaygw.delivery.courier import DeliveryJob
 from relaygw.delivery.maildir import deliver_to_maildir
 from relaygw.results import transient
-from relaygw.queue.manager import DeliveryJob
 
 
 class MaildirCourier:
@@ -24,8 +24,7 @@ class MaildirCourier:
                 calls.append(succeed(transient("4.3.5", "no safe mailbox path")))
                 continue
             calls.append(self.run(deliver_to_maildir, decision.maildir, decision.recipient,
-                                  job.envelope.sender, job.content_path, job.content_offset,
-                                  job.queue_id, hostname))
+                                  job.envelope.sender, job.content, job.queue_id, hostname))
         return gatherResults(calls, consumeErrors=True).addErrback(
             lambda f: [transient("4.3.0", f"maildir delivery failed: {f.getErrorMessage()}")]
             * len(job.decisions))

@@ -5,7 +5,7 @@ classic ones, with the fsyncs a crash-safe queue needs:
 
 1. create ``tmp/``, ``new/`` and ``cur/`` (mode 0700, missing parents too) when absent;
 2. write ``tmp/<unique>``: ``Return-Path`` and ``Delivered-To`` lines, then the stored message,
-   copied from the spool file in bounded chunks; fsync the file;
+   copied from its content (the spool file) in bounded chunks; fsync the file;
 3. hard-link it into ``new/`` (rename where the file system has no hard links), fsync ``new/``;
 4. only then report ``2.0.0`` and remove the ``tmp/`` name.
 
@@ -22,10 +22,15 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from relaygw.results import DeliveryResult, delivered, transient
 from relaygw.fileio import fsync_dir, write_all
+from relaygw.results import DeliveryResult, delivered, transient
+
+if TYPE_CHECKING:  # only the type: this module stays free of Twisted at run time
+    from relaygw.delivery.courier import MessageContent
 
 __all__ = ["CHUNK_SIZE", "deliver_to_maildir", "unique_name"]
 
@@ -54,10 +59,10 @@ def unique_name(hostname: str, now: float) -> str:
     return f"{int(now)}.M{usecs}P{os.getpid()}Q{count}R{secrets.token_hex(8)}.{host}"
 
 
-def deliver_to_maildir(maildir: Path, recipient: str, sender: str, message_path: Path,
-                       content_offset: int, queue_id: str, hostname: str,
-                       now: float | None = None, *, line_endings: str = "crlf") -> DeliveryResult:
-    """Deliver the message stored at ``message_path[content_offset:]`` into ``maildir/new``.
+def deliver_to_maildir(maildir: Path, recipient: str, sender: str, content: MessageContent,
+                       queue_id: str, hostname: str, now: float | None = None, *,
+                       line_endings: str = "crlf") -> DeliveryResult:
+    """Deliver the stored message ``content`` into ``maildir/new``.
 
     ``queue_id`` is accepted for the courier's uniform call; the file name does not carry it.
     Returns ``delivered("2.0.0")`` only after the file and the ``new/`` directory are fsynced;
@@ -83,7 +88,7 @@ def deliver_to_maildir(maildir: Path, recipient: str, sender: str, message_path:
         tmp_path = maildir / "tmp" / name  # ours only once created (O_EXCL)
         try:
             write_all(fd, prefix)
-            _copy_content(fd, message_path, content_offset, crlf_to_lf=line_endings == "lf")
+            _copy_content(fd, content, crlf_to_lf=line_endings == "lf")
             os.fsync(fd)  # os.write is unbuffered: nothing to flush first
         finally:
             os.close(fd)
@@ -149,15 +154,11 @@ def _make_dirs(path: Path) -> None:
         fsync_dir(directory.parent)
 
 
-def _copy_content(fd: int, message_path: Path, offset: int, *, crlf_to_lf: bool) -> None:
-    src = os.open(message_path, os.O_RDONLY | os.O_CLOEXEC)
+def _copy_content(fd: int, content: MessageContent, *, crlf_to_lf: bool) -> None:
+    chunks = content.chunks(CHUNK_SIZE)
     try:
-        os.lseek(src, offset, os.SEEK_SET)
         held = b""  # "lf" mode: a CR at the end of a chunk may pair with an LF in the next one
-        while True:
-            chunk = os.read(src, CHUNK_SIZE)
-            if not chunk:
-                break
+        for chunk in chunks:
             if crlf_to_lf:
                 chunk = held + chunk
                 held = b"\r" if chunk.endswith(b"\r") else b""
@@ -165,7 +166,8 @@ def _copy_content(fd: int, message_path: Path, offset: int, *, crlf_to_lf: bool)
             write_all(fd, chunk)
         write_all(fd, held)
     finally:
-        os.close(src)
+        if isinstance(chunks, Generator):
+            chunks.close()  # a write failed midway: release the spool file now, not when dropped
 
 
 def _link_or_rename(source: Path, target: Path) -> None:

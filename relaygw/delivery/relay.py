@@ -11,7 +11,6 @@ sent twice in one attempt. Idle connections are kept briefly for reuse.
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,9 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks,
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 
-from relaygw.results import DeliveryResult, permanent, transient
+from relaygw.delivery.courier import ContentReader, DeliveryJob
 from relaygw.delivery.dns import DNSFailure
-from relaygw.queue.manager import DeliveryJob
+from relaygw.results import DeliveryResult, permanent, transient
 from relaygw.smtp.client import (
     ClientPolicy,
     OutboundMessage,
@@ -34,7 +33,6 @@ from relaygw.smtp.client import (
 
 log = Logger()
 
-CHUNK = 256 * 1024
 IDLE_REUSE = 5.0  # seconds an idle outbound connection waits for another message
 FAILURES_TO_OPEN = 3  # consecutive connection failures before a host is skipped
 OPEN_FOR = 60.0  # seconds a failing host is skipped before one trial connection
@@ -86,64 +84,6 @@ class HostHealth:
 
     def states(self) -> dict[str, str]:
         return {host: self.state(host) for host in set(self._failures) | set(self._opened_at)}
-
-
-# Linux: a read that fails with EAGAIN rather than wait for the disk (preadv2, 4.14+).
-
-
-class _ContentReader:
-    """Reads the stored message, chunk by chunk, in the spool's thread pool.
-
-    A short read is the end of the file (a regular file returns less than asked
-    only there), so the file is closed in the same trip and neither the final
-    ``b""`` nor ``close`` needs another one: a small message costs one trip.
-    Plain ``os.pread`` on a descriptor: a Python file object adds five system
-    calls (fstat, isatty, seeks).
-    """
-
-    def __init__(self, run: Callable[..., Deferred], path: Path, offset: int,
-                 size: int) -> None:
-        self._run = run
-        self._path = path
-        self._offset = offset  # the next byte to read; advanced in the disk thread
-        self._size = size  # what the spool says the message holds
-        self._fd: int | None = None  # used in the disk thread only
-        self._started = False  # these two on the reactor thread only
-        self._at_end = False
-
-    def read(self) -> Deferred:
-        if self._at_end:
-            return succeed(b"")
-        self._started = True
-        return self._run(self._read).addCallback(self._got)
-
-    def _got(self, data: bytes) -> bytes:
-        if len(data) < CHUNK:
-            self._at_end = True  # _read has closed the file
-        return data
-
-    def _read(self) -> bytes:
-        if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.pread(self._fd, CHUNK, self._offset)
-        except BaseException:
-            self._close()
-            raise
-        self._offset += len(data)
-        if len(data) < CHUNK:
-            self._close()
-        return data
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def close(self) -> Deferred:
-        if not self._started or self._at_end:
-            return succeed(None)  # never opened, or already closed at the end
-        return self._run(self._close)  # after a read still in flight, if any
 
 
 @dataclass(frozen=True)
@@ -379,17 +319,17 @@ class RelayCourier:
             self.health.failed(key)
         return [last] * count
 
-    def _message(self, job: DeliveryJob) -> Callable[[], tuple[OutboundMessage, _ContentReader]]:
+    def _message(self, job: DeliveryJob) -> Callable[[], tuple[OutboundMessage, ContentReader]]:
         envelope = job.envelope
         recipients = tuple(d.recipient for d in job.decisions)
         params = tuple(envelope.recipients[i].params for i in job.indexes)
         mail_params = {k: v for k, v in envelope.params.items() if k in ("RET", "ENVID")}
 
-        def make() -> tuple[OutboundMessage, _ContentReader]:
-            reader = _ContentReader(self.run, job.content_path, job.content_offset, job.size)
+        def make() -> tuple[OutboundMessage, ContentReader]:
+            reader = job.content.reader()
             return OutboundMessage(
                 sender=envelope.sender, recipients=recipients, rcpt_params=params,
-                size=job.size, read_chunk=reader.read, smtputf8=envelope.smtputf8,
+                size=job.content.size, read_chunk=reader.read, smtputf8=envelope.smtputf8,
                 eight_bit=envelope.params.get("BODY") == "8BITMIME",
                 mail_params=mail_params), reader
 

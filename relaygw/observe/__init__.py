@@ -1,0 +1,1 @@
+"""Observability shared by every layer: log formats, Prometheus metrics, /healthz."""

@@ -1,0 +1,1 @@
+"""The `relaygw` command and its subcommands."""

@@ -7,9 +7,9 @@ import getpass
 import sys
 from pathlib import Path
 
-from relaygw.ops.route_commands import add_commands as add_route_commands
-from relaygw.ops.queue_commands import add_commands as add_queue_commands
 from relaygw.ops.config_loading import load_or_report
+from relaygw.ops.queue_commands import add_commands as add_queue_commands
+from relaygw.ops.route_commands import add_commands as add_route_commands
 
 
 def _run(args: argparse.Namespace) -> int:

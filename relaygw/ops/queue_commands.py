@@ -195,6 +195,7 @@ def _offline(args: argparse.Namespace, config: Any, spool_dir: Path) -> int:
         matches,
         read_content,
         read_message,
+        read_only_spool,
         read_spool,
         summarise,
     )
@@ -208,8 +209,8 @@ def _offline(args: argparse.Namespace, config: Any, spool_dir: Path) -> int:
         if stored is None:
             return _error(f"no such message: {args.id}")
         try:
-            headers, message = read_content(spool_dir / "queue" / args.id,
-                                            stored.content_offset, args.body)
+            content = read_only_spool(spool_dir).content(stored)
+            headers, message = read_content(content, args.body)
         except FileNotFoundError:
             return _error(f"no such message: {args.id}")
         _output(args, details(stored.envelope, stored.state, stored.size, now, headers,

@@ -1,9 +1,9 @@
 """What ``relaygw queue list`` and ``queue show`` report, as plain JSON-able dicts.
 
 The same functions serve the daemon (over the control socket, from the queue manager's
-entries) and the command line when no daemon runs (from the spool, read-only), so both
-answer with the same keys. Everything here is pure except :func:`read_content` and
-:func:`read_spool`, which block on the disk and never write to it.
+messages) and the command line when no daemon runs (from the spool, read-only), so both
+answer with the same keys. Everything here is pure except :func:`read_content`,
+:func:`read_spool` and :func:`read_message`, which block on the disk and never write to it.
 
 Times are ISO 8601 in UTC (``2024-05-01T12:00:00Z``); ages are whole seconds.
 """
@@ -11,7 +11,6 @@ Times are ISO 8601 in UTC (``2024-05-01T12:00:00Z``); ages are whole seconds.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,15 +18,15 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from relaygw.delivery.bounce import extract_headers
+from relaygw.delivery.courier import MessageContent
 from relaygw.envelope import Envelope
-from relaygw.queue.state import PENDING, QueueState
 from relaygw.queue.manager import recipient_state_name
-from relaygw.queue.store import STATE_SUFFIX, Spool, StoredMessage
+from relaygw.queue.state import PENDING, QueueState
+from relaygw.queue.store import Spool, StoredMessage
 from relaygw.routing import RouteContext, route_recipient
 
 __all__ = ["details", "iso", "matches", "parse_age", "read_content", "read_message",
-           "read_spool", "route_labels", "summarise"]
+           "read_only_spool", "read_spool", "route_labels", "summarise"]
 
 _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -128,19 +127,19 @@ def details(envelope: Envelope, state: QueueState, size: int, now: float, header
     return result
 
 
-def read_content(path: Path, offset: int, body: bool = False) -> tuple[bytes, bytes | None]:
+def read_content(content: MessageContent, body: bool = False) -> tuple[bytes, bytes | None]:
     """The header section of a queued message and, with ``body``, the whole message.
     Blocking; OSError when the file cannot be read."""
-    headers = extract_headers(path, offset)
+    headers = content.read_headers()
     if not body:
         return headers, None
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return headers, f.read()
+    return headers, content.read_all()
 
 
-def _reader(spool_dir: Path) -> Spool:
-    # Only _load is used: it opens files for reading and nothing else.
+def read_only_spool(spool_dir: Path) -> Spool:
+    """A Spool for reading ``spool_dir`` from outside the daemon: it has no thread pool,
+    so only its blocking reads (``queue_ids``, ``_load``, and the blocking methods of
+    ``content(...)``) may be used; none of them writes."""
     return Spool(Path(spool_dir), reactor=None, threadpool=None)
 
 
@@ -151,14 +150,14 @@ def read_spool(spool_dir: Path, errors: list[str] | None = None) -> list[StoredM
     be read is skipped, with ``"ID: reason"`` appended to ``errors``. A message removed while
     the directory is read is skipped silently. A missing spool reads as empty.
     """
-    spool = _reader(spool_dir)
+    spool = read_only_spool(spool_dir)
     try:
-        names = sorted(os.listdir(spool.queue_dir))
+        names = spool.queue_ids()
     except FileNotFoundError:
         return []
     messages = []
     for name in names:
-        if name.endswith(STATE_SUFFIX) or not _QUEUE_ID.fullmatch(name):
+        if not _QUEUE_ID.fullmatch(name):
             continue
         try:
             messages.append(spool._load(name))
@@ -176,7 +175,7 @@ def read_message(spool_dir: Path, queue_id: str) -> StoredMessage | None:
     if not _QUEUE_ID.fullmatch(queue_id):
         return None
     try:
-        return _reader(spool_dir)._load(queue_id)
+        return read_only_spool(spool_dir)._load(queue_id)
     except FileNotFoundError:
         return None
 

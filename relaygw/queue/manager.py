@@ -16,21 +16,22 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import ip_address
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relaygw.delivery.bounce import FailedRecipient, build_dsn, extract_headers, should_bounce
-from relaygw.results import DELIVERED, PERMANENT, DeliveryResult, transient
+from relaygw.address import xtext_decode
+from relaygw.delivery.bounce import FailedRecipient, build_dsn, should_bounce
+from relaygw.delivery.courier import Courier, DeliveryJob
+from relaygw.envelope import Envelope, EnvelopeRecipient
 from relaygw.observe.null import NO_METRICS
 from relaygw.queue.state import DELIVERED as STATE_DELIVERED
-from relaygw.address import xtext_decode
-from relaygw.envelope import Envelope, EnvelopeRecipient
 from relaygw.queue.state import FAILED, QueueState, RecipientState
 from relaygw.queue.store import Spool, StoredMessage, new_queue_id
+from relaygw.results import DELIVERED, PERMANENT, DeliveryResult, transient
 from relaygw.routing import RouteContext, RouteDecision, route_recipient
 
 log = Logger()
@@ -38,21 +39,16 @@ maillog = Logger(namespace="relaygw.maillog")
 
 
 @dataclass(frozen=True)
-class DeliveryJob:
-    """One courier call: recipients of one message that share a route and next hop."""
+class QueuedMessage:
+    """What the manager holds for one message, as others may see it: a snapshot."""
 
-    queue_id: str
-    envelope: Envelope
-    content_path: Any
-    content_offset: int
-    size: int
-    indexes: tuple[int, ...]  # positions in envelope.recipients
-    decisions: tuple[RouteDecision, ...]  # same order as indexes
+    stored: StoredMessage
+    state: QueueState  # the current recipient states and hold flag
+    deleted: bool  # deleted by an operator; goes once the attempt in flight ends
 
-
-class Courier(Protocol):
-    def deliver(self, job: DeliveryJob) -> Deferred:
-        """Deferred[list[DeliveryResult]], one per job recipient, in order; never fails."""
+    @property
+    def queue_id(self) -> str:
+        return self.stored.envelope.queue_id
 
 
 @dataclass
@@ -102,6 +98,34 @@ class QueueManager(service.Service):
                 self._finish(entry)
             else:
                 self._schedule(entry)
+
+    # -- reading (for the control socket, metrics and the stranded-message scan) --
+
+    def queued_ids(self) -> set[str]:
+        """The ids of every message the manager holds (a copy: safe to hand to a thread)."""
+        return set(self.entries)
+
+    def knows(self, queue_id: str) -> bool:
+        return queue_id in self.entries
+
+    def __len__(self) -> int:
+        """Messages held, deleted ones still finishing an attempt included."""
+        return len(self.entries)
+
+    def __bool__(self) -> bool:
+        return True  # an empty queue is still a manager: ``if manager`` must not flip
+
+    def oldest_arrival(self) -> float | None:
+        """Unix time the oldest message held arrived; None when the queue is empty."""
+        return min((e.stored.envelope.arrived for e in self.entries.values()), default=None)
+
+    def messages(self) -> list[QueuedMessage]:
+        """Every message held, deleted ones included (see ``deleted``), in no set order."""
+        return [_view(e) for e in self.entries.values()]
+
+    def message(self, queue_id: str) -> QueuedMessage | None:
+        entry = self.entries.get(queue_id)
+        return None if entry is None else _view(entry)
 
     def delivery_progress(self) -> tuple[int, int]:
         """(attempts in flight, attempts finished since start): for flow control."""
@@ -194,12 +218,10 @@ class QueueManager(service.Service):
         for i in due:
             if not decisions[i].is_reject:
                 by_nexthop.setdefault((decisions[i].action, decisions[i].nexthop), []).append(i)
+        content = self.spool.content(entry.stored)
         for (action, _nexthop), indexes in by_nexthop.items():
             group = [decisions[i] for i in indexes]
-            job = DeliveryJob(entry.queue_id, envelope,
-                              self.spool.content_path(entry.queue_id),
-                              entry.stored.content_offset, entry.stored.size,
-                              tuple(indexes), tuple(group))
+            job = DeliveryJob(entry.queue_id, envelope, content, tuple(indexes), tuple(group))
             courier = self.couriers.get(action)
             if courier is None:
                 d = succeed([transient("4.3.5", f"no courier for action {action}")] * len(group))
@@ -430,11 +452,14 @@ class QueueManager(service.Service):
             self.enqueued(stored)
             return self._persist(entry)
 
-        d = self.spool.run(extract_headers, self.spool.content_path(entry.queue_id),
-                           entry.stored.content_offset)
+        d = self.spool.content(entry.stored).headers()
         d.addCallback(build)
         d.addCallback(queued)
         return d
+
+
+def _view(entry: _Entry) -> QueuedMessage:
+    return QueuedMessage(entry.stored, entry.state, entry.deleted)
 
 
 def _all_done(groups: list[Deferred]) -> Deferred:

@@ -19,15 +19,22 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from relaygw import handoff
 from relaygw.config import ListenerConfig, default_config
+from relaygw.daemon.workers import pool as handoff
 from relaygw.daemon.workers.pool import NO_WORKER, RESPAWN_FIRST, HandoffListener, WorkerPool
+from relaygw.daemon.workers.process import (
+    ForwardedMetrics,
+    Worker,
+    _Channel,
+    _ForwardLog,
+    encode_event,
+)
+from relaygw.envelope import Envelope, EnvelopeRecipient
 from relaygw.observe.logs import event_as_dict
 from relaygw.observe.metrics import Metrics
-from relaygw.envelope import Envelope, EnvelopeRecipient
 from relaygw.queue.state import QueueState
+from relaygw.queue.store import StoredMessage
 from relaygw.smtp.server import ConnectionCounter
-from relaygw.daemon.workers.process import ForwardedMetrics, Worker, _Channel, _ForwardLog, encode_event
 
 ADDRESS = "127.0.0.1:2525"
 SNAPSHOT = b"config of generation 1"
@@ -229,8 +236,8 @@ def test_an_idle_worker_exits_when_retired(tmp_path):
 def test_worker_reports_the_queued_envelope(tmp_path):
     worker, sent, _ = _bare_worker(tmp_path)
     envelope = _envelope()
-    stored = SimpleNamespace(content_offset=321, size=42, envelope=envelope)
-    worker._queued(stored)  # type: ignore[arg-type]
+    stored = StoredMessage(envelope, QueueState.initial(envelope), 321, 42)
+    worker._queued(stored)
     assert sent == [(b"Q", b"321 42 " + envelope.to_json())]
 
 
@@ -313,9 +320,9 @@ class Pool:
             transport = FDTransport()
             channel.makeConnection(transport)
             # The first thing a worker hears: the configuration of its generation.
-            assert transport.value() == b"K " + base64.b64encode(factory.worker.snapshot) + b"\n"
+            assert transport.value() == b"K " + base64.b64encode(channel.worker.snapshot) + b"\n"
             transport.clear()
-            self.transports[factory.worker.pid] = transport
+            self.transports[channel.worker.pid] = transport
 
     def ready(self, *workers: Any) -> None:
         for w in workers or self.pool.workers:
@@ -761,7 +768,7 @@ def test_worker_configures_itself_from_the_snapshot_and_says_ready(tmp_path):
     worker.configure(pickle.dumps((config, None)))
     try:
         assert worker.config == config
-        assert list(worker.factories) == [lc.address for lc in config.listeners]
+        assert list(worker.sessions) == [lc.address for lc in config.listeners]
         assert sent == [(b"H", str(os.getpid()).encode())]
     finally:
         worker._free_space.stop()

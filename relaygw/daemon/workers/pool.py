@@ -35,11 +35,11 @@ from twisted.python.failure import Failure
 
 from relaygw.config import ListenerConfig
 from relaygw.daemon.listeners import BindingService, ListenError
+from relaygw.daemon.workers.channel import MAX_LINE, METRIC_EVENTS, ChannelFactory
 from relaygw.observe.null import NullMetrics
 from relaygw.queue.store import StoredMessage
 from relaygw.smtp.replies import Reply
 from relaygw.smtp.server import ConnectionCounter
-from relaygw.daemon.workers.channel import MAX_LINE, METRIC_EVENTS, ChannelFactory
 
 # The namespace log lines have always carried: operators grep for it.
 log = Logger(namespace="relaygw.handoff")
