@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The benchmark's own modules, and the repository root for tests/support/ (the
+# Postfix harness the test suite shares).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from harness import (  # noqa: E402
     HERE,

@@ -14,7 +14,7 @@ import pickle
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -82,9 +82,14 @@ class _SequentialService(service.MultiService):
         service.Service.stopService(self)
         d: Deferred[None] = succeed(None)
         for child in reversed(list(self)):
-            d.addCallback(lambda _, c=child: c.stopService())
+            d.addCallback(_stop, child)
             d.addErrback(lambda f: log.failure("shutdown step failed", f))
         return d
+
+
+def _stop(_: object, child: service.IService) -> Deferred[None] | None:
+    result: Deferred[None] | None = child.stopService()
+    return result
 
 
 class _QueueStarter(service.Service):
@@ -140,6 +145,7 @@ class RelayService(_SequentialService):
             # Added before the listeners, so it stops after them: /healthz says 503 meanwhile.
             health = HealthCheck(reactor, core.spool_pool, config.server.spool_dir,
                                  self._listeners_down)
+            assert config.metrics.host is not None and config.metrics.port is not None
             MetricsService(reactor, config.metrics.host, config.metrics.port,
                            metrics_resource(self.metrics, health)).setServiceParent(self)
 
@@ -236,8 +242,8 @@ class RelayService(_SequentialService):
         self.counter.max_total = config.server.max_connections
         self.counter.max_per_client = config.server.max_connections_per_client
         if self.pool is not None:
-            problems, self._restarted = self._apply_workers(config, prepared)
-            return problems
+            worker_problems, self._restarted = self._apply_workers(config, prepared)
+            return worker_problems
         problems: list[str] = []
         self._drop_listeners(config)
         auth = wiring.authenticator(prepared, self.auth_pool, self.reactor)
@@ -356,13 +362,15 @@ class RelayService(_SequentialService):
 
         def refused(failure: Failure) -> list[str]:
             failure.trap(ConfigError)
+            assert isinstance(failure.value, ConfigError)
             problems: list[str] = failure.value.problems
             for problem in problems:
                 log.error("reload refused, the old configuration stays: {problem}",
                           problem=problem)
             return problems
 
-        return d.addCallback(loaded).addErrback(refused)
+        # Both paths end in list[str]; the overloads cannot see it through the union.
+        return cast("Deferred[list[str]]", d.addCallback(loaded).addErrback(refused))
 
     def startService(self) -> None:
         super().startService()

@@ -73,6 +73,7 @@ def tls_options(config: Config, announce: bool = True) -> Any:
         return None
     try:
         if config.tls.certificate is not None:
+            assert config.tls.private_key is not None  # config requires both or neither
             return server_tls_options(config.tls.certificate, config.tls.private_key)
         cert, key = ensure_self_signed(config.server.spool_dir / "tls", config.server.hostname)
         if announce:

@@ -6,6 +6,7 @@ import argparse
 import getpass
 import sys
 from pathlib import Path
+from typing import Any
 
 from relaygw.ops.config_loading import load_or_report
 from relaygw.ops.queue_commands import add_commands as add_queue_commands
@@ -16,12 +17,13 @@ def _run(args: argparse.Namespace) -> int:
     from twisted.application.service import ServiceMaker
     from twisted.scripts import twistd
 
-    maker = ServiceMaker("relaygw", "relaygw.daemon.tap", "SMTP relay and forwarding gateway", "relaygw")
+    maker = ServiceMaker("relaygw", "relaygw.daemon.tap", "SMTP relay and forwarding gateway",
+                         "relaygw")
 
     class Options(twistd.ServerOptions):
         # Name our own plugin rather than scanning for it, so `relaygw run`
         # works even where Twisted's plugin cache cannot be written.
-        def _getPlugins(self, interface):  # noqa: N802 - Twisted's name
+        def _getPlugins(self, interface: Any, package: Any = None) -> Any:  # noqa: N802
             return [maker]
 
     argv = ["--nodaemon", "--pidfile=", "relaygw"]

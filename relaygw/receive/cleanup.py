@@ -157,9 +157,10 @@ class IncomingMessage:
 
     def _failed(self, failure: Failure) -> Reply:
         failure.trap(SpoolError)
+        error = failure.value
+        assert isinstance(error, SpoolError)
         log.error("spool write failed id={queue_id}: {error}",
-                  queue_id=self.envelope.queue_id, error=str(failure.value),
-                  event="spool_error")
-        reply = INSUFFICIENT_STORAGE if failure.value.no_space else TEMP_LOCAL_ERROR
+                  queue_id=self.envelope.queue_id, error=str(error), event="spool_error")
+        reply = INSUFFICIENT_STORAGE if error.no_space else TEMP_LOCAL_ERROR
         self._cleanup.metrics.message_rejected("data", reply.code, reply.enhanced)
         return reply

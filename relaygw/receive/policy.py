@@ -47,7 +47,7 @@ class ConfiguredPolicy:
         context = RouteContext(sender=str(mail.address) if mail.address else "",
                                client_ip=session.client_ip,
                                authenticated=session.auth_user is not None)
-        first_reject = None
+        first_reject: tuple[int, str, str] | None = None
         address = str(rcpt.address)
         # Without aliases the expansion is the address itself: skip the table build.
         targets = expand_aliases(address, config.aliases) if config.aliases else [address]
@@ -56,5 +56,7 @@ class ConfiguredPolicy:
             if not route.is_reject:
                 return None
             first_reject = first_reject or route.reply
+        # Every target was a reject, and a reject always carries its reply.
+        assert first_reject is not None
         code, enhanced, text = first_reject
         return Reply(code, enhanced, text)

@@ -16,15 +16,21 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import (
+    IConnector,
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IPushProducer,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -40,10 +46,15 @@ from relaygw.results import (
 from relaygw.smtp.framing import DotStuffer
 from relaygw.smtp.replies import Reply
 from relaygw.smtp.tls import tls_session_info
-from relaygw.smtp.transport import set_no_delay
+from relaygw.smtp.transport import Clock, StreamTransport, set_no_delay, stream_transport
+
+if TYPE_CHECKING:
+    # Twisted exports the trust root interface only through optionsForClientTLS's signature.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 __all__ = [
     "ClientPolicy",
+    "ClientReactor",
     "StageTimeouts",
     "OutboundMessage",
     "ReplyError",
@@ -52,6 +63,8 @@ __all__ = [
     "SessionFailure",
     "connect",
 ]
+
+_T = TypeVar("_T")
 
 TLS_MODES = ("none", "opportunistic", "require", "verify", "implicit")
 MAX_REPLY_LINES = 100
@@ -124,7 +137,7 @@ class ClientPolicy:
     helo_name: str
     tls: str
     tls_hostname: str
-    trust_root: Any = None
+    trust_root: IOpenSSLTrustRoot | None = None  # None: the system trust store
     username: str | None = None
     password: str | None = None
     timeouts: StageTimeouts = field(kw_only=True)
@@ -247,10 +260,18 @@ class _Drain:
         self.resumeProducing()  # connectionLost fails the dialogue itself
 
 
+class _Pending(TypingProtocol):
+    """What failing the session needs of a Deferred the dialogue awaits, whatever it yields."""
+
+    called: bool
+
+    def errback(self, fail: Failure | BaseException | None = None) -> None: ...
+
+
 class SMTPClientProtocol(Protocol):
     """One SMTP client connection; see ``ready``, ``send`` and ``quit``."""
 
-    def __init__(self, policy: ClientPolicy, clock: IReactorTime, remote: str) -> None:
+    def __init__(self, policy: ClientPolicy, clock: Clock, remote: str) -> None:
         self.policy = policy
         self.clock = clock
         self.remote = remote
@@ -260,9 +281,11 @@ class SMTPClientProtocol(Protocol):
         self._parser = ReplyParser()
         self._expected: deque[str] = deque()  # stages of the commands awaiting a reply
         self._replies: deque[Reply] = deque()  # replies not yet taken by the dialogue
-        self._reply_waiter: Deferred[Any] | None = None  # one Reply, or a list of them
-        self._replies_wanted = 0  # how many replies the waiter takes as a list; 0: just one
-        self._other_waiter: Deferred[Any] | None = None  # a chunk read or a drain
+        # What the dialogue awaits: one reply, or (pipelined) _replies_wanted of them.
+        self._reply_waiter: Deferred[Reply] | None = None
+        self._replies_waiter: Deferred[list[Reply]] | None = None
+        self._replies_wanted = 0
+        self._other_waiter: _Pending | None = None  # a chunk read or a drain
         self._activity: str | None = None  # what runs when no reply is due ("message data")
         self._timer: IDelayedCall | None = None
         self._timeout_text = ""  # what the running timer reports when it fires
@@ -304,13 +327,18 @@ class SMTPClientProtocol(Protocol):
         if not self._connected:
             return lost
         if self._busy or self._failure is not None:
-            self.transport.abortConnection()
+            self._stream.abortConnection()
             return lost
         self._busy = self._closing = True
         self._write_lines(["QUIT"])
         self._expect("QUIT")
         self._read_reply().addBoth(self._quit_answered)
         return lost
+
+    @property
+    def _stream(self) -> StreamTransport:
+        """The transport; what uses it runs from connectionMade on."""
+        return stream_transport(self.transport)
 
     # -- Twisted callbacks
 
@@ -398,7 +426,7 @@ class SMTPClientProtocol(Protocol):
         self.extensions = {}
         self._tls = self._tls_pending = True
         try:
-            self.transport.startTLS(self._tls_options())
+            self._stream.startTLS(self._tls_options())
         except Exception as e:
             raise self._fail(self._transient("4.7.5", f"TLS setup failed: {e}")) from e
         # The TLS layer holds this EHLO until the handshake is done; a connection lost
@@ -475,7 +503,8 @@ class SMTPClientProtocol(Protocol):
         drain = _Drain()
         stuffer = DotStuffer()  # one per message: its state spans chunk boundaries
         self._activity = "message data"
-        self.transport.registerProducer(drain, True)
+        stream = self._stream
+        stream.registerProducer(drain, True)
         try:
             while True:
                 self._arm_timer("message data", "timeout sending message data")
@@ -488,17 +517,17 @@ class SMTPClientProtocol(Protocol):
                     raise self._fail(
                         self._transient("4.3.0", f"cannot read the message: {e}")) from e
                 if not chunk:
-                    self.transport.write(stuffer.finish())
+                    stream.write(stuffer.finish())
                     break
                 out = stuffer.feed(chunk)
                 if out:
-                    self.transport.write(out)
+                    stream.write(out)
                 if drain.paused:
                     await self._guard(drain.drained)
         finally:
             self._activity = None
             if self._connected:
-                self.transport.unregisterProducer()
+                stream.unregisterProducer()
         self._expect("end of DATA")
 
     async def _abandon(self, results: list[DeliveryResult],
@@ -528,7 +557,7 @@ class SMTPClientProtocol(Protocol):
     def _write_lines(self, lines: list[str], *, utf8: bool = False) -> None:
         data = b"".join([_encode(line, utf8) for line in lines])
         if self._failure is None:
-            self.transport.write(data)
+            self._stream.write(data)
 
     def _expect(self, stage: str) -> None:
         if self._failure is not None:
@@ -542,9 +571,9 @@ class SMTPClientProtocol(Protocol):
             return succeed(self._replies.popleft())
         if self._failure is not None:
             return fail(self._failure)
-        self._reply_waiter = Deferred()
-        self._replies_wanted = 0
-        return self._reply_waiter
+        waiter: Deferred[Reply] = Deferred()
+        self._reply_waiter = waiter
+        return waiter
 
     def _read_replies(self, count: int) -> Deferred[list[Reply]]:
         """The next ``count`` replies, in order, in one list (pipelined commands)."""
@@ -552,9 +581,10 @@ class SMTPClientProtocol(Protocol):
             return succeed([self._replies.popleft() for _ in range(count)])
         if self._failure is not None:
             return fail(self._failure)
-        self._reply_waiter = Deferred()
+        waiter: Deferred[list[Reply]] = Deferred()
+        self._replies_waiter = waiter
         self._replies_wanted = count
-        return self._reply_waiter
+        return waiter
 
     def _reply_arrived(self, reply: Reply) -> None:
         if not self._expected:
@@ -571,24 +601,25 @@ class SMTPClientProtocol(Protocol):
         if reply.code == 421:
             self._closing = True  # the server is going away; finish what is in flight
         waiter = self._reply_waiter
-        if waiter is not None and not self._replies_wanted:
+        if waiter is not None:
             self._reply_waiter = None
             waiter.callback(reply)
             return
         self._replies.append(reply)
-        if waiter is not None and len(self._replies) >= self._replies_wanted:
-            self._reply_waiter = None
-            waiter.callback([self._replies.popleft() for _ in range(self._replies_wanted)])
+        batch = self._replies_waiter
+        if batch is not None and len(self._replies) >= self._replies_wanted:
+            self._replies_waiter = None
+            batch.callback([self._replies.popleft() for _ in range(self._replies_wanted)])
 
-    def _guard(self, d: Deferred[Any]) -> Deferred[Any]:
+    def _guard(self, d: Deferred[_T]) -> Deferred[_T]:
         """Wait for ``d``, or fail at once if the session fails first."""
         if self._failure is not None:
             d.addErrback(lambda _: None)
             return fail(self._failure)
-        proxy: Deferred[Any] = Deferred()
+        proxy: Deferred[_T] = Deferred()
         self._other_waiter = proxy
 
-        def done(result: Any) -> None:
+        def done(result: _T | Failure) -> None:
             if self._other_waiter is proxy:
                 self._other_waiter = None
                 proxy.errback(result) if isinstance(result, Failure) else proxy.callback(result)
@@ -620,7 +651,7 @@ class SMTPClientProtocol(Protocol):
         if self._failure is None:
             self._fail(self._transient("4.4.2", self._timeout_text))
         elif self._connected:
-            self.transport.abortConnection()  # a polite close that did not finish
+            self._stream.abortConnection()  # a polite close that did not finish
 
     def _stage(self) -> str | None:
         return self._expected[0] if self._expected else self._activity
@@ -636,23 +667,27 @@ class SMTPClientProtocol(Protocol):
         self._cancel_timer()
         self._expected.clear()
         if close and self._connected:
+            stream = self._stream
             if polite:
-                self.transport.write(b"QUIT\r\n")
-                self.transport.loseConnection()
+                stream.write(b"QUIT\r\n")
+                stream.loseConnection()
                 self._arm_timer("QUIT", "timeout closing the connection")
             else:
-                self.transport.abortConnection()
-        for waiter in (self._reply_waiter, self._other_waiter):
+                stream.abortConnection()
+        waiters: tuple[_Pending | None, ...] = (
+            self._reply_waiter, self._replies_waiter, self._other_waiter)
+        for waiter in waiters:
             if waiter is not None and not waiter.called:
                 waiter.errback(failure)
-        self._reply_waiter = self._other_waiter = None
+        self._reply_waiter = self._replies_waiter = None
+        self._other_waiter = None
         return failure
 
     def _give_up(self, result: DeliveryResult) -> SessionFailure:
         """The peer answered but we cannot go on with it: QUIT and close."""
         return self._fail(result, polite=True)
 
-    def _finished_handshake(self, result: Any) -> None:
+    def _finished_handshake(self, result: None | Failure) -> None:
         if isinstance(result, Failure):
             if not result.check(SessionFailure):
                 self._fail(self._transient("4.4.2", f"client error: {result.value}"))
@@ -661,16 +696,17 @@ class SMTPClientProtocol(Protocol):
             self._busy = False
             self.ready.callback(None)
 
-    def _finished(self, result: Any) -> Any:
+    def _finished(self, result: list[DeliveryResult] | Failure,
+                  ) -> list[DeliveryResult] | Failure:
         if isinstance(result, Failure) and not result.check(SessionFailure):
             # A bug or bad input mid-dialogue: the session state is unknown now.
             self._fail(self._transient("4.4.2", f"client error: {result.value}"))
         self._busy = False
         return result
 
-    def _quit_answered(self, result: Any) -> None:
+    def _quit_answered(self, result: Reply | Failure) -> None:
         if self._connected and self._failure is None:
-            self.transport.loseConnection()
+            self._stream.loseConnection()
             self._arm_timer("QUIT", "timeout closing the connection")
 
     def _when_lost(self) -> Deferred[None]:
@@ -682,7 +718,7 @@ class SMTPClientProtocol(Protocol):
 
     # -- TLS
 
-    def _tls_options(self) -> Any:
+    def _tls_options(self) -> IOpenSSLClientConnectionCreator | CertificateOptions:
         if self.policy.tls in ("verify", "implicit"):
             return client_tls_options(self.policy)
         # RFC 7435: unverified TLS beats plaintext, and a verification failure must not
@@ -777,17 +813,26 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def client_tls_options(policy: ClientPolicy) -> Any:
+def client_tls_options(policy: ClientPolicy) -> IOpenSSLClientConnectionCreator:
     """Verified TLS for "verify" and "implicit": service-identity checks the name."""
     return optionsForClientTLS(policy.tls_hostname, trustRoot=policy.trust_root)
 
 
-def connect(reactor: Any, host_ip: str, port: int, policy: ClientPolicy,
+class ClientReactor(Clock, TypingProtocol):
+    """What ``connect`` needs of the reactor: ``IReactorTCP`` for the connection (through
+    the TCP endpoints) and ``IReactorTime`` for the session's timers."""
+
+    def connectTCP(self, host: str, port: int, factory: ClientFactory, timeout: float = 30,
+                   bindAddress: tuple[str, int] | None = None) -> IConnector: ...
+
+
+def connect(reactor: ClientReactor, host_ip: str, port: int, policy: ClientPolicy,
             remote: str) -> Deferred[SMTPClientProtocol]:
     """Connect, run the handshake, and return the protocol once ``ready`` has fired."""
     endpoint_type = (TCP6ClientEndpoint if ipaddress.ip_address(host_ip).version == 6
                      else TCP4ClientEndpoint)
-    endpoint: Any = endpoint_type(reactor, host_ip, port, timeout=policy.timeouts.connect)
+    endpoint: IStreamClientEndpoint = endpoint_type(reactor, host_ip, port,
+                                                    timeout=policy.timeouts.connect)
     if policy.tls == "implicit":
         endpoint = wrapClientTLS(client_tls_options(policy), endpoint)
     factory = Factory.forProtocol(partial(SMTPClientProtocol, policy, reactor, remote))
@@ -796,7 +841,7 @@ def connect(reactor: Any, host_ip: str, port: int, policy: ClientPolicy,
     def connected(proto: SMTPClientProtocol) -> Deferred[SMTPClientProtocol]:
         return proto.ready.addCallback(lambda _: proto)
 
-    def refused(reason: Failure) -> None:
+    def refused(reason: Failure) -> NoReturn:
         raise SessionFailure(transient(
             "4.4.1", f"connection refused/failed: {reason.getErrorMessage()}", remote=remote))
 

@@ -1,4 +1,6 @@
-"""SMTP reply values: what verb handlers return and the one place that formats them."""
+"""SMTP reply values: what the server's verb handlers, the policies and the receive stage
+answer with, what the client parses the next hop's replies into, and the one place that
+formats them for the wire."""
 
 from __future__ import annotations
 
@@ -26,14 +28,6 @@ class Reply:
         if "\r" in self.text:
             raise ValueError("reply text must not contain CR")
 
-    @property
-    def is_positive(self) -> bool:
-        return self.code < 400
-
-    @property
-    def is_transient(self) -> bool:
-        return 400 <= self.code < 500
-
     def lines(self) -> list[str]:
         parts = self.text.split("\n") or [""]
         prefix = f"{self.enhanced} " if self.enhanced else ""
@@ -51,10 +45,6 @@ class Reply:
 
     def __str__(self) -> str:
         return " | ".join(self.lines())
-
-
-def reply(code: int, enhanced: str | None, text: str, *, close: bool = False) -> Reply:
-    return Reply(code, enhanced, text, close)
 
 
 # Replies used in several places; handlers build specific ones inline.

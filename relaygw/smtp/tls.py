@@ -88,11 +88,12 @@ def server_tls_options(cert_path: Path, key_path: Path) -> CertificateOptions:
     if _spki(key.public_key()) != _spki(leaf.public_key()):
         raise TLSSetupError(f"{_KEY_KEY}: does not match {_CERT_KEY}")
     # cryptography objects rather than pyOpenSSL X509/PKey: Twisted hands them straight to
-    # pyOpenSSL's Context, which accepts both and deprecates the pyOpenSSL types.
+    # pyOpenSSL's Context, which accepts both and deprecates the pyOpenSSL types. Twisted's
+    # annotations still name only the pyOpenSSL types, hence the ignores.
     options = CertificateOptions(
-        privateKey=key,
-        certificate=leaf,
-        extraCertChain=intermediates,
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=leaf,  # type: ignore[arg-type]
+        extraCertChain=intermediates,  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
     try:

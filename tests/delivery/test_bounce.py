@@ -1,4 +1,4 @@
-"""RFC 3464 DSNs: exact bytes, fields, injection, line limits, parsing, header extraction."""
+"""RFC 3464 DSNs: exact bytes, fields, injection, line limits, parsing, attached headers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaygw.delivery.bounce import FailedRecipient, build_dsn, extract_headers, should_bounce
+from relaygw.delivery.bounce import FailedRecipient, build_dsn, should_bounce
+from relaygw.queue.content import SpoolContent
 
 HEADERS = (b"From: Alice <alice@sender.example>\r\n"
            b"To: bob@corp.example\r\n"
@@ -364,72 +365,15 @@ def test_any_input_gives_a_well_formed_dsn(address, diagnostic, remote, orcpt, s
     assert len(parts[1].get_payload()) == 3
 
 
-# -- extract_headers ---------------------------------------------------------------------------
-
-
-def stored(tmp_path, content: bytes, prefix: bytes = b"SPOOL HEADER\n"):
-    path = tmp_path / "message"
-    path.write_bytes(prefix + content)
-    return path, len(prefix)
-
-
-def test_extract_headers_stops_at_the_blank_line(tmp_path):
-    path, offset = stored(tmp_path, HEADERS + b"\r\nBody: not a header\r\nmore\r\n")
-    assert extract_headers(path, offset) == HEADERS
-
-
-def test_extract_headers_without_body(tmp_path):
-    path, offset = stored(tmp_path, HEADERS)
-    assert extract_headers(path, offset) == HEADERS
-
-
-def test_extract_headers_final_line_without_line_end(tmp_path):
-    path, offset = stored(tmp_path, b"A: 1\r\nB: 2")
-    assert extract_headers(path, offset) == b"A: 1\r\nB: 2"
-
-
-def test_extract_headers_of_a_message_without_headers(tmp_path):
-    path, offset = stored(tmp_path, b"\r\njust a body\r\n")
-    assert extract_headers(path, offset) == b""
-
-
-def test_extract_headers_accepts_lf_files(tmp_path):
-    path, offset = stored(tmp_path, b"A: 1\nB: 2\n\nbody\n")
-    assert extract_headers(path, offset) == b"A: 1\nB: 2\n"
-
-
-def test_extract_headers_limit_cuts_at_the_last_complete_line(tmp_path):
-    content = b"".join(b"X-Header-%03d: value\r\n" % i for i in range(100)) + b"\r\nbody\r\n"
-    path, offset = stored(tmp_path, content)
-    line = len(b"X-Header-000: value\r\n")
-    assert extract_headers(path, offset, limit=10 * line + 5) == content[:10 * line]
-    assert extract_headers(path, offset, limit=10 * line) == content[:10 * line]
-    assert extract_headers(path, offset, limit=line - 1) == b""
-    assert extract_headers(path, offset, limit=0) == b""
-
-
-def test_extract_headers_limit_with_the_blank_line_just_beyond_it(tmp_path):
-    path, offset = stored(tmp_path, HEADERS + b"\r\nbody\r\n")
-    assert extract_headers(path, offset, limit=len(HEADERS)) == HEADERS
-
-
-def test_extract_headers_default_limit_is_64_kib(tmp_path):
-    content = b"".join(b"X-H: %s\r\n" % (b"v" * 90) for _ in range(2000)) + b"\r\nbody\r\n"
-    path, offset = stored(tmp_path, content)
-    headers = extract_headers(path, offset)
-    assert len(headers) <= 65536
-    assert headers.endswith(b"\r\n") and content.startswith(headers)
-    assert len(headers) > 65536 - 100
-
-
-def test_extract_headers_missing_file_raises(tmp_path):
-    with pytest.raises(OSError):
-        extract_headers(tmp_path / "gone", 0)
+# -- the attached headers (extracted by the spool's content: tests/queue/test_content.py) ------
 
 
 def test_extracted_headers_feed_the_dsn(tmp_path):
-    path, offset = stored(tmp_path, HEADERS + b"\r\nsecret body\r\n")
-    raw = dsn(original_headers=extract_headers(path, offset))
+    prefix, content = b"SPOOL HEADER\n", HEADERS + b"\r\nsecret body\r\n"
+    path = tmp_path / "message"
+    path.write_bytes(prefix + content)
+    stored = SpoolContent(str(path), len(prefix), len(content), run=None)
+    raw = dsn(original_headers=stored.read_headers())
     assert b"Subject: test\r\n" in raw and b"secret body" not in raw
 
 

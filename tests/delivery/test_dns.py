@@ -32,7 +32,7 @@ from tests.support.dns_server import LoopbackDNSServer
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 
 from relaygw.delivery import maildir as maildir_module
 from relaygw.delivery.maildir import deliver_to_maildir, unique_name
+from relaygw.queue.content import SpoolContent
 from relaygw.results import DELIVERED, TRANSIENT, DeliveryResult
 
 SPOOL_HEADER = b"RELAYGW-SPOOL 1\n{\"envelope\": \"not part of the message\"}\n"
@@ -31,9 +32,19 @@ def spooled(tmp_path):
     return path
 
 
-def deliver(box, spooled, **kw):
+def no_thread(fn, *args):
+    raise AssertionError("maildir delivery already runs in a thread: it reads blocking")
+
+
+def content_of(path, offset):
+    """The spool's content object for the message at ``path[offset:]``."""
+    size = path.stat().st_size - offset if path.exists() else 0
+    return SpoolContent(str(path), offset, size, no_thread)
+
+
+def deliver(box, spooled, content_offset=len(SPOOL_HEADER), **kw):
     args = dict(recipient="bob@local.example", sender="alice@sender.example",
-                message_path=spooled, content_offset=len(SPOOL_HEADER), queue_id="0123ABC",
+                content=content_of(spooled, content_offset), queue_id="0123ABC",
                 hostname="relay.example", now=NOW)
     args.update(kw)
     return deliver_to_maildir(box, **args)

@@ -285,7 +285,7 @@ def test_json_logger_under_twistd_applogger() -> None:
     )
     result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code],
                             capture_output=True, text=True, timeout=60,
-                            cwd=Path(__file__).parent.parent)
+                            cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[0]["message"].startswith("twistd ")

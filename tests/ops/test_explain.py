@@ -30,7 +30,7 @@ from relaygw.receive.policy import ConfiguredPolicy
 from relaygw.smtp.server import ServerSettings, SMTPServerProtocol
 from relaygw.testing import TLSStringTransport
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "correct-horse-battery-staple"
 
 CONFIG = """

@@ -28,6 +28,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IUNIXTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
@@ -155,6 +156,7 @@ class _WorkerChannel(LineOnlyReceiver):
 
     def connectionMade(self) -> None:
         # The first line a worker reads: the configuration it is to serve.
+        assert self.transport is not None
         self.transport.write(b"K " + base64.b64encode(self.worker.snapshot) + b"\n")
 
     def lineReceived(self, line: bytes) -> None:
@@ -208,9 +210,10 @@ class _Worker:
 
     def hand_over(self, conn_id: int, listener: str, conn: socket.socket, host: str) -> None:
         assert self.channel is not None and self.channel.transport is not None
+        transport = IUNIXTransport(self.channel.transport)  # a UNIX socketpair end
         self.conns[conn_id] = (listener, host, conn)
-        self.channel.transport.sendFileDescriptor(conn.fileno())
-        self.channel.transport.write(b"C %d %s %d\n" % (conn_id, listener.encode(),
+        transport.sendFileDescriptor(conn.fileno())
+        transport.write(b"C %d %s %d\n" % (conn_id, listener.encode(),
                                                         conn.family))
 
     def send(self, line: bytes) -> None:

@@ -257,6 +257,7 @@ class Worker:
                 os.close(fd)
 
     def _closed(self, conn_id: object) -> None:
+        assert isinstance(conn_id, int)  # the tag adopt() gave the session
         self._send(b"X", b"%d" % conn_id)
         if self.retiring and not self.draining and not self._sessions():
             self._exit()
@@ -333,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_stdout is not None:
         observer = _Direct(observer_for(args.log_stdout, sys.stdout), args.index, logger)
     globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
 
+    # The global reactor's declared type is a narrow interface; it is a full reactor.
+    reactor: Any = global_reactor
     worker = Worker(args.index, reactor, logger)
     # The main process decides about reloads; a terminal's signals to the whole
     # process group mean "stop", which for a worker is: finish the sessions.
