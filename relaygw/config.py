@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
+D = TypeVar("D")  # a read's default, returned when the value is absent or bad
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 LISTENER_TLS = ("none", "starttls", "implicit")
@@ -384,14 +385,28 @@ class _Reader:
         self.bad(_sub(path, key), "true or false", value)
         return default
 
-    def string(self, table: dict[str, Any], key: str, path: str, default: Any,
-               convert: Callable[[str], Any] | None = None) -> Any:
+    @overload
+    def string(self, table: dict[str, Any], key: str, path: str, default: D) -> str | D: ...
+
+    @overload
+    def string(self, table: dict[str, Any], key: str, path: str, default: D,
+               convert: Callable[[str], T]) -> T | D: ...
+
+    def string(self, table: dict[str, Any], key: str, path: str, default: object,
+               convert: Callable[[str], object] | None = None) -> object:
         """A string, optionally converted; ``convert`` raises ValueError with the message."""
         value = table.get(key)
         return default if value is None else self.check(_sub(path, key), value, default, convert)
 
-    def check(self, where: str, value: object, default: Any,
-              convert: Callable[[str], Any] | None = None) -> Any:
+    @overload
+    def check(self, where: str, value: object, default: D) -> str | D: ...
+
+    @overload
+    def check(self, where: str, value: object, default: D,
+              convert: Callable[[str], T] | None) -> T | D: ...
+
+    def check(self, where: str, value: object, default: object,
+              convert: Callable[[str], object] | None = None) -> object:
         if not isinstance(value, str):
             self.bad(where, "a string", value)
             return default
@@ -402,7 +417,7 @@ class _Reader:
             return default
 
     def choice(self, table: dict[str, Any], key: str, path: str, choices: tuple[str, ...],
-               default: str | None) -> Any:
+               default: D) -> str | D:
         def check(value: str) -> str:
             if value not in choices:
                 raise ValueError(f"must be one of {', '.join(choices)} (got {_toml(value)})")
@@ -638,7 +653,8 @@ def _delivery(r: _Reader, t: dict[str, Any]) -> DeliveryConfig:
         tls=r.choice(t, "tls", "delivery", DELIVERY_TLS, defaults.tls),
         ca_file=_delivery_ca_file(r, t),
         timeouts=DeliveryTimeouts(**{
-            f.name: r.seconds(timeouts, f.name, "delivery.timeouts", f.default)
+            f.name: r.seconds(timeouts, f.name, "delivery.timeouts",
+                              getattr(defaults.timeouts, f.name))
             for f in fields(DeliveryTimeouts)}),
     )
 
@@ -662,9 +678,8 @@ def _routes(r: _Reader, data: dict[str, Any], smarthosts: set[str]) -> tuple[Rou
         smarthost = r.string(t, "smarthost", where, None)
         if smarthost is not None and smarthost not in smarthosts:
             r.error(f"{where}.smarthost", f"no [{_sub('smarthosts', smarthost)}] table")
-        code, enhanced, text = r.string(t, "reply", where, DEFAULT_REJECT, _reply)
-        if action != "reject":
-            code, enhanced, text = None, None, None
+        reply = r.string(t, "reply", where, DEFAULT_REJECT, _reply)
+        code, enhanced, text = reply if action == "reject" else (None, None, None)
         route = RouteConfig(
             index=index,
             action=action or "",

@@ -196,7 +196,8 @@ class _ControlProtocol(LineReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._send({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
 
 class _ControlFactory(Factory):
@@ -272,7 +273,8 @@ class ControlService(service.Service):
         if port is None:
             return None  # not ours: leave whatever is at the path alone
         for connection in list(self.factory.connections):
-            connection.transport.loseConnection()
+            if connection.transport is not None:
+                connection.transport.loseConnection()
         d = maybeDeferred(port.stopListening)
 
         def remove(_: Any) -> None:
@@ -301,7 +303,7 @@ class ControlService(service.Service):
         return d
 
     def _error(self, failure: Failure, request: Any) -> dict[str, Any]:
-        if failure.check(UnknownMessage):
+        if isinstance(failure.value, UnknownMessage):
             return {"ok": False, "error": str(failure.value), "unknown": failure.value.ids}
         if failure.check(BadRequestError):
             return {"ok": False, "error": str(failure.value)}

@@ -11,7 +11,7 @@ sent twice in one attempt. Idle connections are kept briefly for reuse.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from relaygw.smtp.client import (
     SMTPClientProtocol,
     connect,
 )
+from relaygw.smtp.transport import stream_transport
 
 log = Logger()
 
@@ -182,7 +183,7 @@ class RelayCourier:
         self.pool.close_all()
         for proto in list(self._active):
             if proto.transport is not None:
-                proto.transport.abortConnection()
+                stream_transport(proto.transport).abortConnection()
 
     # -- limits -----------------------------------------------------------------
 
@@ -205,7 +206,7 @@ class RelayCourier:
     # -- targets ----------------------------------------------------------------
 
     @inlineCallbacks
-    def _trust_root(self, ca_file: Path | None):
+    def _trust_root(self, ca_file: Path | None) -> Generator[Deferred[Any], Any, Any]:
         """A CA bundle as a trust root; read once, in the spool's threads."""
         if ca_file is None:
             return None
@@ -218,7 +219,7 @@ class RelayCourier:
         return self._trust[ca_file]
 
     @inlineCallbacks
-    def _password(self, path: Path | None):
+    def _password(self, path: Path | None) -> Generator[Deferred[Any], Any, str | None]:
         if path is None:
             return None
         if path not in self._secrets:
@@ -242,7 +243,8 @@ class RelayCourier:
         return d.addCallback(remember)
 
     @inlineCallbacks
-    def _build_smarthost_targets(self, config: Any, name: str):
+    def _build_smarthost_targets(self, config: Any, name: str,
+                                 ) -> Generator[Deferred[Any], Any, list[_Target]]:
         smarthost = config.smarthost(name)
         trust_root = yield self._trust_root(smarthost.ca_file)
         password = yield self._password(smarthost.password_file)
@@ -256,7 +258,7 @@ class RelayCourier:
         return targets
 
     @inlineCallbacks
-    def _mx_targets(self, domain: str):
+    def _mx_targets(self, domain: str) -> Generator[Deferred[Any], Any, list[_Target]]:
         config = self.config_source()
         answer = yield self.resolver.mx_hosts(domain)
         trust_root = yield self._trust_root(config.delivery.ca_file)
@@ -285,11 +287,13 @@ class RelayCourier:
     # -- delivery ---------------------------------------------------------------
 
     @inlineCallbacks
-    def _deliver(self, job: DeliveryJob):
+    def _deliver(self, job: DeliveryJob,
+                 ) -> Generator[Deferred[Any], Any, list[DeliveryResult]]:
         decision = job.decisions[0]
         count = len(job.decisions)
         try:
             if decision.action == "smarthost":
+                assert decision.smarthost is not None  # routing names the smarthost
                 targets = yield self._smarthost_targets(decision.smarthost)
             else:
                 targets = yield self._mx_targets(decision.domain)
@@ -336,7 +340,9 @@ class RelayCourier:
         return make
 
     @inlineCallbacks
-    def _try_host(self, target: _Target, ip: str, made: tuple, count: int):
+    def _try_host(self, target: _Target, ip: str, made: tuple[OutboundMessage, ContentReader],
+                  count: int,
+                  ) -> Generator[Deferred[Any], Any, list[DeliveryResult] | DeliveryResult]:
         """A list of per-recipient results once a transaction ran, or one
         transient result when this host could not be used (try the next)."""
         message, reader = made

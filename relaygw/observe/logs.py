@@ -166,7 +166,7 @@ def classic_text(event: LogEvent) -> str | None:
     return line.replace("\n", "\n\t") + "\n"
 
 
-def _plain(value: Any) -> bool:
+def _plain(value: object) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
@@ -214,7 +214,7 @@ def json_line(event: LogEvent) -> str:
                       default=str) + "\n"
 
 
-def json_observer(stream: IO[Any]) -> ILogObserver:
+def json_observer(stream: IO[str]) -> ILogObserver:
     """Writes each event to ``stream`` as one JSON object on one line, and flushes."""
     return FileLogObserver(stream, json_line)
 
@@ -228,7 +228,7 @@ class _Redacting:
         self.observer(_masked(event))
 
 
-def observer_for(format: str, stream: IO[Any]) -> ILogObserver:
+def observer_for(format: str, stream: IO[str]) -> ILogObserver:
     """"text": Twisted's classic text lines; "json": JSON lines. Secrets are masked in both."""
     if format == "json":
         return json_observer(stream)

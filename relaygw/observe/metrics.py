@@ -24,9 +24,9 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -36,18 +36,32 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import RestrictedRegistry
 from prometheus_client.utils import floatToGoString
 from twisted.application import service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorFromThreads,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.web import pages
-from twisted.web.resource import EncodingResourceWrapper, Resource
+from twisted.web.http import Request
+from twisted.web.iweb import IRequest
+from twisted.web.resource import EncodingResourceWrapper, IResource, Resource
 from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Site
 
 from relaygw.observe.null import NO_METRICS, NullMetrics
+
+if TYPE_CHECKING:
+    from relaygw.config import Config
 
 # The namespace log lines have always carried: operators grep for it.
 log = Logger(namespace="relaygw.metrics")
@@ -66,6 +80,10 @@ HEALTH_TIMEOUT = 5.0  # seconds before a hanging spool probe counts as a failure
 
 _TLS_VERSION = re.compile(r"(?:D?TLS|SSL)v[0-9.]{1,4}")
 
+_T = TypeVar("_T")
+_Labels = TypeVar("_Labels", bound=tuple[str, ...])
+Health = tuple[bool, str]  # ok, and the reason when not
+
 
 def _tls_label(version: str | None) -> str:
     """"TLSv1.3" from "TLSv1.3" or "TLSv1.3 TLS_AES_256_GCM_SHA384"; "none" for plaintext."""
@@ -78,8 +96,6 @@ def _tls_label(version: str | None) -> str:
 def _status_class(enhanced: str | None) -> str:
     first = (enhanced or "")[:1]
     return first if first in ("2", "4", "5") else "unknown"
-
-
 
 
 class Metrics(NullMetrics):
@@ -182,9 +198,10 @@ class Metrics(NullMetrics):
             "Seconds from arrival to a recipient's final outcome (sent, bounced, expired)",
             labels=["route", "status"])
         for (route, status), counts in sorted(self._latency.items()):
-            cumulative, buckets = 0, []
-            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts[:-1], strict=True):
-                cumulative += n
+            cumulative: float = 0  # an int: counts[:-1] are counts, only counts[-1] is a sum
+            buckets = []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts[:-1], strict=True):
+                cumulative += count
                 buckets.append((floatToGoString(bound), cumulative))
             latency.add_metric([route, status], buckets, counts[-1])
         yield latency
@@ -217,14 +234,14 @@ class Metrics(NullMetrics):
 
 
 def _counter(name: str, documentation: str, labels: list[str],
-             values: dict[tuple[str, ...], int]) -> CounterMetricFamily:
+             values: Mapping[_Labels, int]) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=labels)
     for key, n in sorted(values.items()):
         family.add_metric(list(key), n)
     return family
 
 
-def _call(callback: Callable[[], Any]) -> Any:
+def _call(callback: Callable[[], _T]) -> _T | None:
     """A scrape-time callback's value; one that fails drops its metric, not the scrape."""
     try:
         return callback()
@@ -244,8 +261,15 @@ class _Collector:
         return list(self.metrics.families(scrape=False))  # no callback runs at registration
 
 
-def smarthost_circuits(config_source: Callable[[], Any],
-                       health: Any) -> Callable[[], dict[str, str]]:
+class CircuitStates(Protocol):
+    """Circuit breaker states by "host:port": the courier's ``HostHealth``."""
+
+    def state(self, host: str) -> str:
+        """"closed", "open" or "half-open"."""
+
+
+def smarthost_circuits(config_source: Callable[[], Config],
+                       health: CircuitStates) -> Callable[[], dict[str, str]]:
     """A ``circuit_states`` callback: every configured smarthost host and its circuit state.
 
     ``health`` is RelayCourier.health (a HostHealth). Only configured smarthost hosts
@@ -253,7 +277,7 @@ def smarthost_circuits(config_source: Callable[[], Any],
     """
 
     def states() -> dict[str, str]:
-        out = {}
+        out: dict[str, str] = {}
         for smarthost in config_source().smarthosts:
             for hp in smarthost.hosts:
                 key = f"{hp.host}:{hp.port}"  # the key HostHealth uses
@@ -300,42 +324,42 @@ class HealthCheck:
     disk) answers unhealthy.
     """
 
-    def __init__(self, reactor: Any, pool: Any, spool_dir: str | os.PathLike[str],
-                 listeners_down: Callable[[], list[str]], *, ttl: float = HEALTH_TTL,
-                 timeout: float = HEALTH_TIMEOUT, clock: Any = None,
-                 probe: Callable[[Any], str | None] = spool_problem) -> None:
+    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool,
+                 spool_dir: str | os.PathLike[str], listeners_down: Callable[[], list[str]], *,
+                 ttl: float = HEALTH_TTL, timeout: float = HEALTH_TIMEOUT,
+                 clock: IReactorTime | None = None,
+                 probe: Callable[[str | os.PathLike[str]], str | None] = spool_problem) -> None:
         self.reactor = reactor
         self.pool = pool
         self.spool_dir = spool_dir
         self.listeners_down = listeners_down
         self.ttl = ttl
         self.timeout = timeout
-        self.clock = clock if clock is not None else reactor
+        # Without a clock of its own the reactor times the probes: every reactor is both.
+        self.clock = clock if clock is not None else cast(IReactorTime, reactor)
         self.probe = probe
         self._result: str | None = None
         self._checked_at: float | None = None
         self._probing = False
         self._started_at = 0.0
-        self._waiters: list[Deferred] = []
+        self._waiters: list[Deferred[str | None]] = []
 
-    def __call__(self) -> Deferred:
+    def __call__(self) -> Deferred[Health]:
         down = self.listeners_down()
         if down:
             return succeed((False, "not listening: " + ", ".join(down)))
-        d = self._spool()
-        d.addCallback(lambda problem: (True, "ok") if problem is None
-                      else (False, f"spool not writable: {problem}"))
-        return d
+        return self._spool().addCallback(lambda problem: (True, "ok") if problem is None
+                                         else (False, f"spool not writable: {problem}"))
 
-    def _spool(self) -> Deferred:
-        """Deferred[str | None]: the spool's problem, None when writable."""
+    def _spool(self) -> Deferred[str | None]:
+        """The spool's problem, None when writable."""
         now = self.clock.seconds()
         if self._checked_at is not None and now - self._checked_at < self.ttl:
             return succeed(self._result)
         elapsed = now - self._started_at if self._probing else 0.0
         if elapsed >= self.timeout:
             return succeed(f"check still running after {elapsed:.0f}s")
-        waiter: Deferred = Deferred()
+        waiter: Deferred[str | None] = Deferred()
         waiter.addTimeout(self.timeout - elapsed, self.clock,
                           onTimeoutCancel=lambda _, t: f"check timed out after {t:.0f}s")
         self._waiters.append(waiter)
@@ -365,14 +389,14 @@ class _MetricsPage(Resource):
         super().__init__()
         self.registry = registry
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         accept = request.getHeader(b"accept")
         encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
-        registry: Any = self.registry
+        registry: CollectorRegistry | RestrictedRegistry = self.registry
         names = request.args.get(b"name[]")
         if names:
-            registry = registry.restricted_registry([n.decode("utf-8", "replace")
-                                                     for n in names])
+            registry = self.registry.restricted_registry([n.decode("utf-8", "replace")
+                                                          for n in names])
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return encoder(registry)
@@ -381,15 +405,15 @@ class _MetricsPage(Resource):
 class _HealthPage(Resource):
     isLeaf = True  # noqa: N815 - Twisted's name
 
-    def __init__(self, health: Callable[[], Any]) -> None:
+    def __init__(self, health: Callable[[], Health | Deferred[Health]]) -> None:
         super().__init__()
         self.health = health
 
-    def render_GET(self, request: Any) -> Any:
+    def render_GET(self, request: Request) -> int:
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-        def answer(result: tuple[bool, str]) -> None:
+        def answer(result: Health) -> None:
             ok, reason = result
             respond(200 if ok else 503, "ok" if ok else reason)
 
@@ -411,16 +435,16 @@ class _HealthPage(Resource):
 
 
 class _Root(Resource):
-    def getChild(self, path: bytes, request: Any) -> Resource:
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
         return self if path == b"" else pages.notFound()
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"relaygw: /metrics /healthz\n"
 
 
 def metrics_resource(metrics: Metrics,
-                     health: Callable[[], tuple[bool, str] | Deferred]) -> Resource:
+                     health: Callable[[], Health | Deferred[Health]]) -> Resource:
     """/metrics (Prometheus text or OpenMetrics, gzip if asked) and /healthz.
 
     ``health`` answers (ok, reason) now or as a Deferred (a ``HealthCheck``); it is
@@ -436,7 +460,7 @@ def metrics_resource(metrics: Metrics,
 class _QuietSite(Site):
     noisy = False
 
-    def log(self, request: Any) -> None:
+    def log(self, request: Request) -> None:
         """No access log: a scrape every few seconds is noise in the mail log."""
 
 
@@ -450,17 +474,21 @@ class MetricsService(service.Service):
 
     name = "metrics"
 
-    def __init__(self, reactor: Any, host: str, port: int, resource: Resource) -> None:
+    def __init__(self, reactor: IReactorTCP, host: str, port: int, resource: Resource) -> None:
         self.reactor = reactor
         self.host = host
         self.requested_port = port
         self.site = _QuietSite(resource, timeout=60, reactor=reactor)
-        self.listening: Any = None
+        self.listening: IListeningPort | None = None
 
     @property
     def port(self) -> int | None:
         """The bound port number while listening."""
-        return self.listening.getHost().port if self.listening is not None else None
+        if self.listening is None:
+            return None
+        address = self.listening.getHost()
+        assert isinstance(address, IPv4Address | IPv6Address)  # listenTCP's port is TCP
+        return address.port
 
     def _address(self, port: int | None) -> str:
         return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
@@ -482,7 +510,10 @@ class MetricsService(service.Service):
         if self.listening is not None:
             return
         try:
-            self.listening = self.reactor.listenTCP(self.requested_port, self.site,
+            # Twisted's listenTCP is annotated for factories of its default protocol type
+            # only, and ServerFactory is invariant in it: Site's is its HTTP channel.
+            self.listening = self.reactor.listenTCP(self.requested_port,
+                                                    self.site,  # type: ignore[arg-type]
                                                     interface=self.host)
         except CannotListenError as e:
             raise MetricsListenError(f"cannot listen on metrics.address "
@@ -491,12 +522,13 @@ class MetricsService(service.Service):
         log.info("metrics: serving /metrics and /healthz on {address}",
                  address=self._address(self.port))
 
-    def stopService(self) -> Deferred | None:
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
         if self.listening is None:
             return None
         listening, self.listening = self.listening, None
-        return maybeDeferred(listening.stopListening)
+        # No public maybeDeferred overload takes a function returning "Deferred or None".
+        return maybeDeferred(listening.stopListening)  # type: ignore[call-overload]
 
 
 class MetricsListenError(Exception):

@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from relaygw.config import ConfigError
+from relaygw.config import Config, ConfigError, load
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "add_commands", "run_queue"]
 
@@ -119,9 +119,7 @@ def _error(message: str) -> int:
     return EXIT_ERROR
 
 
-def _load(path: str | None) -> Any:
-    from relaygw.daemon.service import load
-
+def _load(path: str | None) -> Config:
     return load(path)
 
 

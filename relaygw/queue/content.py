@@ -18,7 +18,7 @@ __all__ = ["CHUNK", "HEADER_LIMIT", "SpoolContent"]
 CHUNK = 256 * 1024  # bytes per asynchronous read
 HEADER_LIMIT = 64 * 1024  # bytes of header section returned at most
 
-Run = Callable[..., "Deferred[Any]"]
+Run = Callable[..., Deferred[Any]]  # the spool's run: blocking work in its thread pool
 
 
 class SpoolContent:

@@ -211,7 +211,7 @@ class QueueManager(service.Service):
         groups: list[Deferred] = []
         rejects = [i for i in due if decisions[i].is_reject]
         if rejects:
-            results = [decisions[i].as_delivery_result() for i in rejects]
+            results = [_reject_result(decisions[i]) for i in rejects]
             groups.append(self._record(entry, rejects, [decisions[i] for i in rejects],
                                        results, started))
         by_nexthop: dict[tuple[str, str], list[int]] = {}
@@ -228,12 +228,14 @@ class QueueManager(service.Service):
             else:
                 d = courier.deliver(job)
             d.addErrback(self._courier_failed, len(group))
-            d.addCallback(lambda results, idx=indexes, grp=group: self._record(
-                entry, idx, grp, results, started))
-            groups.append(d)
+            groups.append(d.addCallback(self._group_done, entry, indexes, group, started))
         done = _all_done(groups)
         self._in_flight.add(done)
         done.addBoth(lambda _: self._attempt_done(entry, done))
+
+    def _group_done(self, results: list[DeliveryResult], entry: _Entry, indexes: list[int],
+                    decisions: list[RouteDecision], started: float) -> Deferred[None]:
+        return self._record(entry, indexes, decisions, results, started)
 
     @staticmethod
     def _courier_failed(failure: Failure, count: int) -> list[DeliveryResult]:
@@ -259,8 +261,9 @@ class QueueManager(service.Service):
 
     def _next_state(self, old: RecipientState, result: DeliveryResult, envelope: Envelope,
                     config: Any, now: float) -> RecipientState:
-        common = dict(attempts=old.attempts + 1, last_attempt=now, last_reply=result.diagnostic,
-                      enhanced=result.enhanced, remote_host=result.remote)
+        common: dict[str, Any] = dict(
+            attempts=old.attempts + 1, last_attempt=now, last_reply=result.diagnostic,
+            enhanced=result.enhanced, remote_host=result.remote)
         if result.status == DELIVERED:
             return replace(old, status=STATE_DELIVERED, **common)
         if result.status == PERMANENT:
@@ -302,8 +305,13 @@ class QueueManager(service.Service):
         entry.saving.addCallback(save)
         entry.saving.addErrback(lambda f: log.failure(
             "queue: cannot save state of {queue_id}", f, queue_id=entry.queue_id))
-        result: Deferred = Deferred()
-        entry.saving.addBoth(lambda r: (result.callback(None), r)[1])
+        result: Deferred[None] = Deferred()
+
+        def saved(outcome: Any) -> Any:
+            result.callback(None)
+            return outcome
+
+        entry.saving.addBoth(saved)
         return result
 
     def _attempt_done(self, entry: _Entry, done: Deferred) -> None:
@@ -344,9 +352,13 @@ class QueueManager(service.Service):
 
     def release(self, ids: list[str]) -> Deferred:
         entries = self._entries(ids)
-        d = self._set_held(entries, False)
-        d.addCallback(lambda done: ([self._schedule(e) for e in entries], done)[1])
-        return d
+
+        def schedule(done: list[str]) -> list[str]:
+            for entry in entries:
+                self._schedule(entry)
+            return done
+
+        return self._set_held(entries, False).addCallback(schedule)
 
     def _set_held(self, entries: list[_Entry], held: bool) -> Deferred:
         saves = []
@@ -452,10 +464,13 @@ class QueueManager(service.Service):
             self.enqueued(stored)
             return self._persist(entry)
 
-        d = self.spool.content(entry.stored).headers()
-        d.addCallback(build)
-        d.addCallback(queued)
-        return d
+        return self.spool.content(entry.stored).headers().addCallback(build).addCallback(queued)
+
+
+def _reject_result(decision: RouteDecision) -> DeliveryResult:
+    result = decision.as_delivery_result()
+    assert result is not None  # routing gives every reject its reply
+    return result
 
 
 def _view(entry: _Entry) -> QueuedMessage:

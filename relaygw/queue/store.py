@@ -63,11 +63,15 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1_000_000:011X}{secrets.token_hex(3).upper()}"
 
 
-def _as_spool_error(exc: BaseException) -> SpoolError:
+def _as_spool_error(exc: BaseException | None) -> SpoolError:
     if isinstance(exc, SpoolError):
         return exc
     no_space = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return SpoolError(str(exc), no_space=no_space)
+
+
+def _spool_failure(failure: Failure) -> Failure:
+    return Failure(_as_spool_error(failure.value))
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,7 @@ class Spool:
 
     @staticmethod
     def _as_spool_errors(d: Deferred) -> Deferred:
-        return d.addErrback(lambda f: Failure(_as_spool_error(f.value)))
+        return d.addErrback(_spool_failure)
 
     def _free_space(self) -> int:
         st = os.statvfs(self.directory)
@@ -341,8 +345,13 @@ class MessageWriter:
         if self._buffered >= FLUSH_AT:
             self._flush(self._write_sync)
             if self._backlog > MAX_BACKLOG:
-                waiter: Deferred = Deferred()
-                self._chain.addBoth(lambda r: (waiter.callback(None), r)[1])
+                waiter: Deferred[None] = Deferred()
+
+                def wake(result: Any) -> Any:
+                    waiter.callback(None)
+                    return result
+
+                self._chain.addBoth(wake)
                 return waiter
         return None
 
@@ -410,7 +419,7 @@ class MessageWriter:
 
         d = self._chain.addCallback(check)
         d.addCallback(lambda _: self.queue_id)
-        d.addErrback(lambda f: Failure(_as_spool_error(f.value)))
+        d.addErrback(_spool_failure)
         return d
 
     @property

@@ -823,7 +823,8 @@ class ClientReactor(Clock, TypingProtocol):
     the TCP endpoints) and ``IReactorTime`` for the session's timers."""
 
     def connectTCP(self, host: str, port: int, factory: ClientFactory, timeout: float = 30,
-                   bindAddress: tuple[str, int] | None = None) -> IConnector: ...
+                   bindAddress: tuple[str, int] | None = None,  # noqa: N803 - Twisted's name
+                   ) -> IConnector: ...
 
 
 def connect(reactor: ClientReactor, host_ip: str, port: int, policy: ClientPolicy,

@@ -6,8 +6,10 @@ the spool commit, a password check) reading stops and the buffer waits, so
 replies leave strictly in command order whatever the client pipelined.
 Policy (who may relay, what a recipient routes to) is the injected
 ``InboundPolicy``; what becomes of a message's bytes is the injected
-``MessageSink`` (the receive stage: envelope, trace header, spool, queue). This
-module knows the protocol only: no queue, delivery or configuration.
+``MessageSink`` (the receive stage: it builds the envelope, adds the trace header,
+spools and queues), which the session hands each message's bytes between DATA
+and the final dot. This module knows the protocol only: no envelope, queue,
+delivery or configuration.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from typing import Protocol as TypingProtocol
+from typing import TypeAlias, cast
 
 from twisted.internet import protocol, tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IAddress, IDelayedCall, IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaygw.address import MailArgs, RcptArgs
-from relaygw.smtp.arguments import parse_helo, parse_mail_from, parse_rcpt_to
 from relaygw.observe.null import NO_METRICS
 from relaygw.smtp import auth as sasl
+from relaygw.smtp.arguments import parse_helo, parse_mail_from, parse_rcpt_to
 from relaygw.smtp.framing import DataReader
 from relaygw.smtp.replies import (
     BARE_NEWLINE_COMMAND,
@@ -40,7 +44,7 @@ from relaygw.smtp.replies import (
     Reply,
 )
 from relaygw.smtp.tls import tls_session_info
-from relaygw.smtp.transport import set_no_delay
+from relaygw.smtp.transport import Clock, StreamTransport, set_no_delay, stream_transport
 
 log = Logger()
 
@@ -51,6 +55,10 @@ AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, to slow down guessing
 
 _COMMAND, _DATA, _SASL, _CLOSED = "command", "data", "sasl", "closed"
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
+
+# What a verb handler answers: a reply now, None when it has replied itself (or the
+# connection is closing), or a Deferred for an answer not known yet.
+Answer: TypeAlias = "Reply | Deferred[Reply] | Deferred[None] | None"
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,8 @@ class ServerSettings:
     tls_mode: str = "none"  # none | starttls | implicit
     require_tls: bool = False
     auth_mode: str = "none"  # none | optional | required
-    tls_options: Any = None  # an IOpenSSLServerConnectionCreator, or None
+    # CertificateOptions serves as a server connection creator without declaring it.
+    tls_options: IOpenSSLServerConnectionCreator | CertificateOptions | None = None
 
 
 @dataclass
@@ -120,6 +129,17 @@ class MessageSink(TypingProtocol):
     def begin(self, session: Session, transaction: Transaction) -> IncomingMessage: ...
 
 
+class AuthChecker(TypingProtocol):
+    """Checks AUTH credentials: ``relaygw.smtp.auth.Authenticator`` (the users file)."""
+
+    @property
+    def has_users(self) -> bool:
+        """False: AUTH is neither offered nor accepted."""
+
+    def check(self, credentials: sasl.Credentials) -> bool | Deferred[bool]:
+        """Whether the password is right; may take its time (scrypt runs in a thread)."""
+
+
 class SessionMetrics(TypingProtocol):
     """What sessions count; relaygw.observe implements it."""
 
@@ -136,7 +156,8 @@ class SMTPServerProtocol(protocol.Protocol):
     metrics: SessionMetrics = NO_METRICS
 
     def __init__(self, settings: ServerSettings, policy: InboundPolicy, sink: MessageSink,
-                 authenticator: Any, clock: Any, refusal: Reply | None = None) -> None:
+                 authenticator: AuthChecker | None, clock: Clock,
+                 refusal: Reply | None = None) -> None:
         self.settings = settings
         self.policy = policy
         self.sink = sink
@@ -152,23 +173,36 @@ class SMTPServerProtocol(protocol.Protocol):
         self._processing = False  # inside the _process loop: replies are collected
         self._paused = False
         self._out: list[bytes] = []  # replies not yet handed to the transport
-        self._direct = False  # plain TCP: replies go straight to the socket
+        self._direct: tcp.Connection | None = None  # plain TCP: replies go straight to it
         self._errors = 0
         self._auth_failures = 0
-        self._sasl: Any = None
-        self._reader: DataReader | None = None
+        self._sasl: sasl.SaslMechanism | None = None  # the AUTH exchange in progress
+        self._reader: DataReader | None = None  # these two are set while in DATA
         self._message: IncomingMessage | None = None
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._last_activity = 0.0  # clock time of the last complete line
         self._client = ""  # str(session.client_ip), made once for the log lines
         self._draining = False  # shutting down: finish the transaction, then 421
 
+    @property
+    def _stream(self) -> StreamTransport:
+        """The transport; what uses it runs from connectionMade on."""
+        return stream_transport(self.transport)
+
+    @property
+    def _session(self) -> Session:
+        """The session; connectionMade makes it before any line is read."""
+        session = self.session
+        assert session is not None, "not connected yet"
+        return session
+
     # -- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
-        transport = self.transport
+        transport = self._stream
         set_no_delay(transport)
-        self._direct = isinstance(transport, tcp.Connection) and not transport.TLS
+        if isinstance(transport, tcp.Connection) and not transport.TLS:
+            self._direct = transport
         peer = transport.getPeer()
         ip = ipaddress.ip_address(getattr(peer, "host", "0.0.0.0"))
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
@@ -214,7 +248,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._cancel_timer()
         self._abort_message()
         self._flush()
-        self.transport.loseConnection()
+        self._stream.loseConnection()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -315,7 +349,7 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         self._answer(handler(self, arg.strip(" ")))
 
-    def _answer(self, result: Reply | Deferred | None) -> None:
+    def _answer(self, result: Answer) -> None:
         """Write a reply now, or stop reading until a pending one is known."""
         if not isinstance(result, Deferred):
             if result is not None:
@@ -355,12 +389,12 @@ class SMTPServerProtocol(protocol.Protocol):
     def _pause(self) -> None:
         if not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            self._stream.pauseProducing()
 
     def _unpause(self) -> None:
         if self._paused and self._mode != _CLOSED:
             self._paused = False
-            self.transport.resumeProducing()
+            self._stream.resumeProducing()
 
     # -- output -------------------------------------------------------------
 
@@ -382,16 +416,16 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         data = b"".join(self._out)
         self._out.clear()
-        transport = self.transport
-        if self._direct:
-            if transport.connected and not transport.disconnecting:
-                sent = transport.writeSomeData(data)
+        direct = self._direct
+        if direct is not None:
+            if direct.connected and not direct.disconnecting:
+                sent = direct.writeSomeData(data)
                 if isinstance(sent, int):
                     if sent == len(data):
                         return
                     data = data[sent:]
-            self._direct = False  # from now on, the transport's buffer keeps the order
-        transport.write(data)
+            self._direct = None  # from now on, the transport's buffer keeps the order
+        self._stream.write(data)
 
     def _reply(self, reply: Reply) -> None:
         if self._mode == _CLOSED:
@@ -422,12 +456,13 @@ class SMTPServerProtocol(protocol.Protocol):
         if isinstance(helo, Reply):
             return helo
         self._reset_transaction()
-        self.session.helo = helo
-        self.session.esmtp = esmtp
+        session = self._session
+        session.helo = helo
+        session.esmtp = esmtp
         if not esmtp:
             return Reply(250, None, self.settings.hostname)
         lines = [
-            f"{self.settings.hostname} Hello {helo} [{self.session.client_ip}]",
+            f"{self.settings.hostname} Hello {helo} [{session.client_ip}]",
             f"SIZE {self.settings.max_message_size}",
             "8BITMIME",
             "PIPELINING",
@@ -441,27 +476,28 @@ class SMTPServerProtocol(protocol.Protocol):
         return Reply(250, None, "\n".join(lines))
 
     def _starttls_offered(self) -> bool:
-        return (self.settings.tls_mode == "starttls" and not self.session.tls
+        return (self.settings.tls_mode == "starttls" and not self._session.tls
                 and self.settings.tls_options is not None)
 
     def _auth_offered(self) -> bool:
-        return (self.session.tls and self.settings.auth_mode != "none"
+        return (self._session.tls and self.settings.auth_mode != "none"
                 and self.authenticator is not None and self.authenticator.has_users)
 
-    def do_mail(self, arg: str) -> Reply | Deferred | None:
-        if self.session.helo is None:
+    def do_mail(self, arg: str) -> Reply | Deferred[Reply]:
+        session = self._session
+        if session.helo is None:
             return Reply(503, "5.5.1", "Send HELO/EHLO first")
         if self.transaction is not None:
             return Reply(503, "5.5.1", "Sender already specified")
-        if self.settings.require_tls and not self.session.tls:
+        if self.settings.require_tls and not session.tls:
             return self._rejected("mail", Reply(530, "5.7.0",
                                                 "Must issue a STARTTLS command first"))
-        if self.settings.auth_mode == "required" and self.session.auth_user is None:
+        if self.settings.auth_mode == "required" and session.auth_user is None:
             return self._rejected("mail", Reply(530, "5.7.0", "Authentication required"))
-        mail = parse_mail_from(arg, smtputf8_offered=self.session.esmtp)
+        mail = parse_mail_from(arg, smtputf8_offered=session.esmtp)
         if isinstance(mail, Reply):
             return mail
-        if not self.session.esmtp and mail.params:
+        if not session.esmtp and mail.params:
             return Reply(555, "5.5.4", "Parameters need EHLO")
         size = mail.params.get("SIZE")
         if size is not None and int(size) > self.settings.max_message_size:
@@ -475,9 +511,9 @@ class SMTPServerProtocol(protocol.Protocol):
             sender = str(mail.address) if mail.address else ""
             return Reply(250, "2.1.0", f"Sender <{sender}> OK")
 
-        return self._decide(self.policy.check_mail(self.session, mail), decided)
+        return self._decide(self.policy.check_mail(session, mail), decided)
 
-    def do_rcpt(self, arg: str) -> Reply | Deferred | None:
+    def do_rcpt(self, arg: str) -> Reply | Deferred[Reply]:
         if self.transaction is None:
             return Reply(503, "5.5.1", "Need MAIL command first")
         if len(self.transaction.recipients) >= self.settings.max_recipients:
@@ -495,12 +531,12 @@ class SMTPServerProtocol(protocol.Protocol):
                 transaction.recipients.append(rcpt)
             return Reply(250, "2.1.5", f"Recipient <{rcpt.address}> OK")
 
-        return self._decide(self.policy.check_rcpt(self.session, transaction.mail, rcpt),
+        return self._decide(self.policy.check_rcpt(self._session, transaction.mail, rcpt),
                             decided)
 
     @staticmethod
-    def _decide(answer: Reply | None | Deferred,
-                then: Callable[[Reply | None], Reply]) -> Reply | Deferred:
+    def _decide(answer: Reply | None | Deferred[Reply | None],
+                then: Callable[[Reply | None], Reply]) -> Reply | Deferred[Reply]:
         if isinstance(answer, Deferred):
             return answer.addCallback(then)
         return then(answer)
@@ -553,11 +589,13 @@ class SMTPServerProtocol(protocol.Protocol):
     def do_starttls(self, arg: str) -> Reply | None:
         if arg:
             return Reply(501, "5.5.4", "STARTTLS takes no arguments")
-        if self.session.tls:
+        session = self._session
+        if session.tls:
             return Reply(503, "5.5.1", "TLS already active")
         if self.settings.tls_mode != "starttls":
             return Reply(502, "5.5.1", "STARTTLS not available on this port")
-        if self.settings.tls_options is None:
+        tls_options = self.settings.tls_options
+        if tls_options is None:
             return Reply(454, "4.7.0", "TLS not available due to temporary reason")
         if self._buffer:
             # CVE-2011-0411 class: nothing sent in plaintext may count after TLS.
@@ -566,31 +604,32 @@ class SMTPServerProtocol(protocol.Protocol):
             self._buffer = b""
         self._send(Reply(220, "2.0.0", "Ready to start TLS"))
         self._flush()  # in plaintext, before the handshake
-        self._direct = False
+        self._direct = None
         try:
-            self.transport.startTLS(self.settings.tls_options)
+            self._stream.startTLS(tls_options)
         except Exception:
             log.failure("starttls failed")
             self._close()
             return None
         # RFC 3207 4.2: forget everything learnt before the handshake.
-        self.session.helo = None
-        self.session.esmtp = False
-        self.session.auth_user = None
-        self.session.tls = True
+        session.helo = None
+        session.esmtp = False
+        session.auth_user = None
+        session.tls = True
         self._reset_transaction()
         return None
 
-    def do_auth(self, arg: str) -> Reply | Deferred | None:
+    def do_auth(self, arg: str) -> Reply | Deferred[Reply]:
         if self.settings.auth_mode == "none" or self.authenticator is None \
                 or not self.authenticator.has_users:
             return Reply(502, "5.5.1", "AUTH not available")
-        if not self.session.tls:
+        session = self._session
+        if not session.tls:
             return Reply(538, "5.7.11",
                          "Encryption required for requested authentication mechanism")
-        if self.session.helo is None:
+        if session.helo is None:
             return Reply(503, "5.5.1", "Send EHLO first")
-        if self.session.auth_user is not None:
+        if session.auth_user is not None:
             return Reply(503, "5.5.1", "Already authenticated")
         if self.transaction is not None:
             return Reply(503, "5.5.1", "AUTH not permitted during a mail transaction")
@@ -601,15 +640,17 @@ class SMTPServerProtocol(protocol.Protocol):
         self._sasl = mechanism
         return self._sasl_result(step)
 
-    def _sasl_step(self, line: bytes) -> Reply | Deferred | None:
+    def _sasl_step(self, line: bytes) -> Reply | Deferred[Reply]:
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
             self._mode, self._sasl = _COMMAND, None
             return Reply(501, "5.5.2", "Cannot decode response")
-        return self._sasl_result(self._sasl.respond(text))
+        mechanism = self._sasl
+        assert mechanism is not None  # _SASL mode means a mechanism sent a challenge
+        return self._sasl_result(mechanism.respond(text))
 
-    def _sasl_result(self, step: Any) -> Reply | Deferred | None:
+    def _sasl_result(self, step: sasl.Step) -> Reply | Deferred[Reply]:
         if isinstance(step, sasl.Challenge):
             self._mode = _SASL
             return Reply(334, None, step.text)
@@ -618,12 +659,15 @@ class SMTPServerProtocol(protocol.Protocol):
         if isinstance(step, Reply):
             return step
         credentials = step
-        d = maybeDeferred(self.authenticator.check, credentials)
+        authenticator = self.authenticator
+        assert authenticator is not None  # do_auth starts no exchange without one
+        # maybeDeferred chains the Deferred check() may return: it fires with the bool.
+        d = cast("Deferred[bool]", maybeDeferred(authenticator.check, credentials))
         return d.addCallback(self._auth_checked, credentials.username)
 
-    def _auth_checked(self, ok: bool, username: str) -> Reply | Deferred:
+    def _auth_checked(self, ok: bool, username: str) -> Reply | Deferred[Reply]:
         if ok:
-            self.session.auth_user = username
+            self._session.auth_user = username
             log.info("auth client={client} user={user}",
                      client=self._client, user=username, event="auth")
             return Reply(235, "2.7.0", "Authentication successful")
@@ -633,12 +677,12 @@ class SMTPServerProtocol(protocol.Protocol):
                  event="auth_failed")
         if self._auth_failures >= MAX_AUTH_FAILURES:
             return Reply(421, "4.7.0", "Too many authentication failures", close=True)
-        delayed: Deferred = Deferred()
+        delayed: Deferred[Reply] = Deferred()
         self.clock.callLater(AUTH_FAILURE_DELAY, delayed.callback,
                              Reply(535, "5.7.8", "Authentication credentials invalid"))
         return delayed
 
-    _handlers: dict[str, Callable[..., Any]] = {
+    _handlers: dict[str, Callable[[SMTPServerProtocol, str], Answer]] = {
         "EHLO": do_ehlo, "HELO": do_helo, "MAIL": do_mail, "RCPT": do_rcpt,
         "DATA": do_data, "RSET": do_rset, "NOOP": do_noop, "QUIT": do_quit,
         "VRFY": do_vrfy, "EXPN": do_expn, "HELP": do_help, "STARTTLS": do_starttls,
@@ -648,7 +692,7 @@ class SMTPServerProtocol(protocol.Protocol):
     # -- DATA ---------------------------------------------------------------
 
     def _tls_info(self) -> str | None:
-        session = self.session
+        session = self._session
         if session.tls and session.tls_info is None and self.transport is not None:
             info = tls_session_info(self.transport)
             session.tls_info = " ".join(info) if info else None
@@ -662,8 +706,10 @@ class SMTPServerProtocol(protocol.Protocol):
         return reply
 
     def _start_message(self) -> None:
+        transaction = self.transaction
+        assert transaction is not None  # do_data refuses DATA without MAIL
         self._tls_info()
-        self._message = self.sink.begin(self.session, self.transaction)
+        self._message = self.sink.begin(self._session, transaction)
         self._reader = DataReader(self.settings.max_message_size,
                                   normalize_bare_newlines=self.settings.normalize_bare_newlines)
         self._mode = _DATA
@@ -671,11 +717,12 @@ class SMTPServerProtocol(protocol.Protocol):
 
     def _data_chunk(self) -> None:
         chunk, self._buffer = self._buffer, b""
-        reader = self._reader
+        reader, message = self._reader, self._message
+        assert reader is not None and message is not None  # _start_message set both
         if b"\n" in chunk:
             self._last_activity = self.clock.seconds()  # progress is whole lines, not bytes
         content = reader.feed(chunk)
-        wait = self._message.write(content) if content else None
+        wait = message.write(content) if content else None
         if reader.done:
             self._buffer = reader.remainder + self._buffer
             self._mode = _COMMAND
@@ -685,6 +732,7 @@ class SMTPServerProtocol(protocol.Protocol):
 
     def _finish_message(self) -> Reply | Deferred[Reply]:
         reader, message = self._reader, self._message
+        assert reader is not None and message is not None  # still in DATA until now
         self._reader = self._message = None
         self._reset_transaction()
         problem = reader.problem
@@ -702,7 +750,7 @@ class SMTPServerProtocol(protocol.Protocol):
 
 
 
-class SMTPServerFactory(protocol.Factory):
+class SMTPServerFactory(protocol.Factory["_CountedProtocol"]):
     """Builds sessions for one listener and enforces the connection caps.
 
     ``next_tag`` is an opaque value the next session is built with, and
@@ -711,7 +759,7 @@ class SMTPServerFactory(protocol.Factory):
     """
 
     def __init__(self, settings: ServerSettings, policy: InboundPolicy, sink: MessageSink,
-                 authenticator: Any, clock: Any, *, counter: ConnectionCounter,
+                 authenticator: AuthChecker | None, clock: Clock, *, counter: ConnectionCounter,
                  metrics: SessionMetrics = NO_METRICS, listener: str = "",
                  on_session_end: Callable[[object], None] | None = None) -> None:
         self.settings = settings
@@ -724,10 +772,10 @@ class SMTPServerFactory(protocol.Factory):
         self.counter = counter  # shared by all listeners: the caps are daemon-wide
         self.on_session_end = on_session_end
         self.next_tag: object = None
-        self.sessions: set[SMTPServerProtocol] = set()
+        self.sessions: set[_CountedProtocol] = set()
         self._drained: Deferred[None] | None = None
 
-    def session_ended(self, proto: SMTPServerProtocol) -> None:
+    def session_ended(self, proto: _CountedProtocol) -> None:
         self.sessions.discard(proto)
         tag, proto.tag = proto.tag, None
         if tag is not None and self.on_session_end is not None:
@@ -745,7 +793,13 @@ class SMTPServerFactory(protocol.Factory):
         drained: Deferred[None] = Deferred()
         self._drained = drained
         timer = self.clock.callLater(grace, self._grace_over)
-        return drained.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+
+        def stop_timer(result: None | Failure) -> None | Failure:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return drained.addBoth(stop_timer)
 
     def _grace_over(self) -> None:
         log.info("shutdown: closing {n} sessions still open after the grace period",
@@ -753,7 +807,7 @@ class SMTPServerFactory(protocol.Factory):
         for proto in list(self.sessions):
             proto.force_close()
 
-    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> _CountedProtocol:
         host = getattr(addr, "host", "")
         refusal = self.counter.acquire(host)
         if refusal is not None:

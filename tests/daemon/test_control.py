@@ -24,11 +24,11 @@ from relaygw.daemon.control import (
     call,
     socket_path,
 )
-from relaygw.results import transient
 from relaygw.envelope import Envelope, EnvelopeRecipient
 from relaygw.queue.inspect import iso
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.store import new_queue_id
+from relaygw.results import transient
 from relaygw.testing import SynchronousSpool
 
 BODY = b"Subject: test\r\nFrom: a@s.example\r\n\r\nhello\r\n"
@@ -44,7 +44,7 @@ class Courier:
 
     def deliver(self, job):
         self.jobs.append(job)
-        self.contents.append(Path(job.content_path).read_bytes()[job.content_offset:])
+        self.contents.append(job.content.read_all())
         if self.fail:
             return succeed([transient("4.4.1", "connection refused")] * len(job.decisions))
         from relaygw.results import delivered

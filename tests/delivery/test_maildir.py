@@ -23,6 +23,7 @@ MESSAGE = (b"Received: from client.example ([192.0.2.7])\r\n"
            b".leading dot, already unstuffed\r\n"
            b"bye\r\n")
 NOW = 1700000000.123456
+OFFSET = len(SPOOL_HEADER)  # where the message starts in the spool file
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def content_of(path, offset):
     return SpoolContent(str(path), offset, size, no_thread)
 
 
-def deliver(box, spooled, content_offset=len(SPOOL_HEADER), **kw):
+def deliver(box, spooled, content_offset=OFFSET, **kw):
     args = dict(recipient="bob@local.example", sender="alice@sender.example",
                 content=content_of(spooled, content_offset), queue_id="0123ABC",
                 hostname="relay.example", now=NOW)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.support.waiting import wait_until  # noqa: F401 - re-exported for older imports
+
 BIN = Path(sys.executable).parent
 RELAYGW = str(BIN / "relaygw")
 
@@ -40,7 +42,8 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20.0,
                 if s.recv(64).startswith(b"220 "):
                     return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)  # not listening, or not ready to greet yet: poll again
     raise TimeoutError(f"port {port} did not open")
 
 
@@ -186,6 +189,8 @@ class Capture:
         return self.handler.messages
 
     def wait_for(self, count: int, timeout: float = 20.0) -> list:
+        """Every message captured, once there are ``count`` or ``timeout`` has passed:
+        callers check the count (``((a, b, c),) = sink.wait_for(1)``)."""
         deadline = time.monotonic() + timeout
         while len(self.handler.messages) < count and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -207,13 +212,3 @@ def capture():
     yield make
     for server in servers:
         server.stop()
-
-
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()

@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from tests.integration.conftest import free_port, wait_until
+from tests.integration.conftest import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -172,7 +173,7 @@ def test_smtp_sink_faults_are_deferred_and_kept(daemon, tmp_path, fault, reply):
     sink = subprocess.Popen(["smtp-sink", "-u", "nobody", *fault, f"127.0.0.1:{port}", "10"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: _listening(port))
+        wait_until(lambda: _listening(port), what=f"smtp-sink listening on port {port}")
         daemon.start(smarthost("up", port) + '[[routes]]\naction = "smarthost"\n'
                      'smarthost = "up"\n')
         queue_id = send(daemon)
@@ -191,7 +192,7 @@ def test_smtp_sink_5xx_at_rcpt_bounces_once(daemon):
     sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-f", "rcpt", f"127.0.0.1:{port}",
                              "10"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: _listening(port))
+        wait_until(lambda: _listening(port), what=f"smtp-sink listening on port {port}")
         daemon.start(smarthost("up", port) + maildir_route(daemon)
                      + '[[routes]]\naction = "smarthost"\nsmarthost = "up"\n')
         queue_id = send(daemon)
@@ -211,7 +212,7 @@ def test_smtp_sink_too_slow_to_answer_data_times_out_and_is_deferred(daemon):
     sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-w", "5", f"127.0.0.1:{port}", "10"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: _listening(port))
+        wait_until(lambda: _listening(port), what=f"smtp-sink listening on port {port}")
         daemon.start(smarthost("up", port)
                      + "[delivery.timeouts]\nmail = 1.0\nrcpt = 1.0\ndata_init = 1.0\n"
                      + '[[routes]]\naction = "smarthost"\nsmarthost = "up"\n')

@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from tests.integration.conftest import free_port, wait_until
+from tests.integration.conftest import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

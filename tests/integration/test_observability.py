@@ -9,7 +9,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import free_port, wait_until
+from tests.integration.conftest import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import free_port, wait_until
+from tests.integration.conftest import free_port
+from tests.support.waiting import poll, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +171,8 @@ def all_workers_serving(daemon, count: int = 2) -> dict[int, socket.socket]:
                 if sock is None:
                     return False
                 socks.append(sock)
-            pids = [wait_until(lambda s=s: holder(daemon, s), timeout=5) for s in socks]
+            # None: no worker found holding it yet; this try fails and the next one begins.
+            pids = [poll(lambda s=s: holder(daemon, s), timeout=5) for s in socks]
             if None not in pids and len(set(pids)) == count:
                 result.update(zip(pids, socks, strict=True))
                 socks = []
@@ -180,7 +182,8 @@ def all_workers_serving(daemon, count: int = 2) -> dict[int, socket.socket]:
             for s in socks:
                 s.close()
 
-    assert wait_until(spread, timeout=30, interval=0.2), "the workers did not all get ready"
+    wait_until(spread, timeout=30, interval=0.2,
+               what=f"{count} held sessions, each on a worker of its own (all workers ready)")
     return result
 
 
@@ -200,6 +203,12 @@ def _session_or_none(port: int) -> smtplib.SMTP | None:
     except smtplib.SMTPConnectError as e:
         assert e.smtp_code == 421 and e.smtp_error.startswith(b"4.7.0 Too many"), e
         return None
+
+
+def removed(daemon, queue_id: str) -> None:
+    """Waits for the daemon to log that the message is done and gone from the spool."""
+    wait_until(lambda: f"removed id={queue_id} (done)" in daemon.logs(), timeout=30,
+               what=f"the removal of {queue_id} logged", detail=daemon.logs)
 
 
 def exits(logs: str) -> int:
@@ -259,8 +268,8 @@ def test_mail_through_workers_reaches_the_smarthost_byte_exact(daemon, capture):
     assert sep and received.startswith(b"Received: from client.example ([127.0.0.1])")
     assert f"with ESMTP id {queue_id}".encode() in received
     assert b"From: " + rest == body
-    assert wait_until(lambda: daemon.queued() == [])
-    time.sleep(0.3)
+    removed(daemon, queue_id)  # its last attempt has ended: no other copy can follow
+    assert daemon.queued() == []
     assert len(sink.messages) == 1
     assert worker_pids(daemon) == pids  # no worker died on the way
     assert "Traceback" not in daemon.logs()
@@ -283,8 +292,9 @@ def test_sessions_spread_over_both_workers_and_their_logs_say_which(daemon):
         ports = [s.getsockname()[1] for s in socks]
         connects = wait_until(lambda: len(c := [r for r in json_records(daemon)
                                                 if r["event"] == "connect"
-                                                and r.get("port") in ports]) == 4 and c)
-        assert connects, json_records(daemon)[-10:]
+                                                and r.get("port") in ports]) == 4 and c,
+                              what="four connect records",
+                              detail=lambda: json_records(daemon)[-10:])
         assert sorted(r["worker"] for r in connects) == [0, 0, 1, 1]
         pids = worker_pids(daemon)
         for sock, pid in zip(socks, holders, strict=True):
@@ -362,7 +372,7 @@ def test_a_killed_worker_is_replaced_and_its_slots_come_back(daemon):
     on_victim.close()
     died = (f"worker {victim_index} pid={victim} ended unexpectedly: exit code None, "
             f"signal 9")
-    assert wait_until(lambda: died in daemon.logs()), daemon.logs()[-2000:]
+    wait_until(lambda: died in daemon.logs(), what=repr(died), detail=daemon.logs)
     # The victim's slot is free: one more connection is taken, then the cap holds.
     extra = _greeted_or_none(daemon.port)
     assert extra is not None
@@ -371,8 +381,8 @@ def test_a_killed_worker_is_replaced_and_its_slots_come_back(daemon):
     other.close()
     # A replacement with the same index and a new pid.
     replaced = wait_until(lambda: len(w := worker_pids(daemon)) == 2 and victim not in w and w,
-                          timeout=10)
-    assert replaced, worker_pids(daemon)
+                          timeout=10, what="a replacement worker",
+                          detail=lambda: worker_pids(daemon))
     (replacement,) = set(replaced) - {survivor}
     assert replaced[replacement] == victim_index
     assert f"worker {victim_index} started pid={replacement}" in daemon.logs()
@@ -402,7 +412,8 @@ def test_acknowledged_mail_survives_kill_9_of_the_main_process(daemon, capture, 
     assert daemon.queued() == [queue_id]
     daemon.stop(signal.SIGKILL)
     # The workers go with the main process (PR_SET_PDEATHSIG), not a moment later.
-    assert wait_until(lambda: running_workers(pids) == [], timeout=2), running_workers(pids)
+    wait_until(lambda: running_workers(pids) == [], timeout=2, what="the workers to end",
+               detail=lambda: running_workers(pids))
     assert not any(alive(pid) for pid in pids)
     sink = capture()
     daemon.start(smarthost_to(sink.port), server_extra=WORKERS)
@@ -414,9 +425,16 @@ def test_acknowledged_mail_survives_kill_9_of_the_main_process(daemon, capture, 
     assert rcpts == ["b@remote.example"]
     assert f"with ESMTP id {queue_id}".encode() in content
     assert content.endswith(BODY.split(b"\r\n\r\n", 1)[1])
-    assert wait_until(lambda: daemon.queued() == [])
-    time.sleep(1.0)  # a second copy (queued twice: by recovery and by a worker) would show
+    # A second copy (queued twice: by recovery and by a worker) would be sent before the
+    # message is removed, or keep it in the queue: wait for both to be decided.
+    removed(daemon, queue_id)
+    listed = cli("queue", "list", "--json", "-c", str(daemon.dir / "relaygw.toml"))
+    assert (listed.returncode, json.loads(listed.stdout)) == (0, []), listed.stderr
+    assert daemon.queued() == []
     assert len(sink.messages) == 1
+    sent = [ln for ln in daemon.logs().splitlines()
+            if f"attempt id={queue_id} " in ln and "status=sent" in ln]
+    assert len(sent) == 1, sent
     assert list((daemon.spool / "tmp").iterdir()) == []
 
 
@@ -477,8 +495,9 @@ def test_reload_replaces_the_workers_and_old_sessions_go_on(daemon):
     daemon.proc.send_signal(signal.SIGHUP)
     assert wait_until(lambda: "applied" in daemon.logs(), timeout=20)
     # Two new workers; of the old ones only the one with a session is left.
-    now = wait_until(lambda: len(w := worker_pids(daemon)) == 3 and w, timeout=10)
-    assert now, worker_pids(daemon)
+    now = wait_until(lambda: len(w := worker_pids(daemon)) == 3 and w, timeout=10,
+                     what="two new workers beside the busy old one",
+                     detail=lambda: worker_pids(daemon))
     assert set(now) & old == {live_pid}
     new = set(now) - old
     assert sorted(now[pid] for pid in new) == [0, 1]
@@ -505,16 +524,17 @@ def test_metrics_count_messages_accepted_by_workers(daemon):
     listener = (("listener", f"127.0.0.1:{daemon.port}"),)
     is_open = ("relaygw_connections_open", listener)
     total = ("relaygw_connections_total", (*listener, ("tls", "false")))
-    before = wait_until(lambda: (s := scrape(port)).get(is_open) == 0 and s)
-    assert before, scrape(port)  # the start-up probe has ended
+    before = wait_until(lambda: (s := scrape(port)).get(is_open) == 0 and s,
+                        what="no connection open (the start-up probe has ended)",
+                        detail=lambda: scrape(port))
     sessions = [session(daemon.port) for _ in range(3)]
     assert scrape(port)[is_open] == 3
     for smtp in sessions:
         transaction(smtp)
     for smtp in sessions:
         smtp.quit()
-    samples = wait_until(lambda: (s := scrape(port))[is_open] == 0 and s)
-    assert samples, scrape(port)
+    samples = wait_until(lambda: (s := scrape(port))[is_open] == 0 and s,
+                         what="the three sessions closed", detail=lambda: scrape(port))
     assert samples[("relaygw_messages_accepted_total", ())] == 3
     assert samples[("relaygw_tls_inbound_total", (("version", "none"),))] == 3
     assert samples[total] == before[total] + 3

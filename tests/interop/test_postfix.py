@@ -8,7 +8,7 @@ import smtplib
 import pytest
 
 from tests.support.postfix import unavailable_reason
-from tests.integration.conftest import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -107,7 +107,8 @@ def test_postfix_refuses_relaygw_certificate_for_another_name(daemon, capture, c
                  smtp_tls_ca_file=daemon.ca_file(), smtp_tls_match="other.test",
                  relayhost_auth=("postfix-client", "pf secret 1"))
     pf.sendmail("alice@postfix.test", ["bob@remote.example"], MESSAGE)
-    assert wait_until(lambda: "Server certificate not verified" in pf.maillog()), pf.maillog()
+    wait_until(lambda: "Server certificate not verified" in pf.maillog(),
+               what="Postfix to log the unverified certificate", detail=pf.maillog)
     assert wait_until(lambda: "status=deferred" in pf.maillog())
     assert not pf.queue_empty() and sink.messages == []
     assert "auth client=" not in daemon.logs()
@@ -189,5 +190,6 @@ def test_postfix_smtpd_refuses_relaygw_without_auth(daemon, postfix):
     refused = (r"attempt id=\w+ to=<bob@mail\.example> route=routes\[0\] .* tls=TLSv1\.3 .* "
                r"status=bounced reply=554 5\.7\.1 <unknown\[127\.0\.0\.1\]>: "
                r"Client host rejected: Access denied")
-    assert wait_until(lambda: re.search(refused, daemon.logs())), daemon.logs()
+    wait_until(lambda: re.search(refused, daemon.logs()), what="the bounced attempt logged",
+               detail=daemon.logs)
     assert pf.maildir_messages("bob@mail.example") == []

@@ -1,4 +1,5 @@
-"""Tests for relaygw.ops.explain and the `relaygw route explain` handler (relaygw.ops.route_commands).
+"""Tests for relaygw.ops.explain and the `relaygw route explain` handler
+(relaygw.ops.route_commands).
 
 The RCPT replies explain() reports are checked against the real SMTP server protocol with
 the same configuration (test_rcpt_reply_matches_the_daemon), so they cannot drift apart.
@@ -12,7 +13,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,14 +21,15 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
-from relaygw.ops.route_commands import add_commands, run_explain
 from relaygw.config import load_config
-from relaygw.results import permanent
 from relaygw.delivery.dns import DNSFailure, blocking_result
 from relaygw.ops.explain import explain, render_text, resolve
+from relaygw.ops.route_commands import add_commands, run_explain
 from relaygw.receive.policy import ConfiguredPolicy
+from relaygw.results import permanent
 from relaygw.smtp.server import ServerSettings, SMTPServerProtocol
 from relaygw.testing import TLSStringTransport
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "correct-horse-battery-staple"
@@ -728,11 +729,10 @@ def dns_port(tmp_path_factory):
              "--zone-file", str(zone_file)],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        deadline = time.monotonic() + 20
-        while not port_file.exists():
-            assert proc.poll() is None, (directory / "stderr").read_text()
-            assert time.monotonic() < deadline, "the DNS server wrote no port file"
-            time.sleep(0.05)
+        # Written atomically once it listens; or the server has died.
+        wait_until(lambda: port_file.exists() or proc.poll() is not None, timeout=20,
+                   what="the DNS server's port file")
+        assert proc.poll() is None, (directory / "stderr").read_text()
         yield int(port_file.read_text())
     finally:
         proc.terminate()
@@ -888,7 +888,7 @@ def test_cli_resolve(dns_config, capsys):
         dns_config, explain(dns_config, "a@example.org", "x@nomail.example"))
 
 
-# -- relaygw.delivery.dns blocking helpers ------------------------------------------------------------
+# -- relaygw.delivery.dns blocking helpers ---------------------------------------------------------
 
 
 def test_blocking_result():

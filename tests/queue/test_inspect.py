@@ -11,7 +11,6 @@ import pytest
 
 from relaygw.config import parse_config
 from relaygw.envelope import Envelope, EnvelopeRecipient
-from relaygw.queue.state import DELIVERED, FAILED, QueueState
 from relaygw.queue.inspect import (
     details,
     iso,
@@ -19,9 +18,11 @@ from relaygw.queue.inspect import (
     parse_age,
     read_content,
     read_message,
+    read_only_spool,
     read_spool,
     summarise,
 )
+from relaygw.queue.state import DELIVERED, FAILED, QueueState
 from relaygw.testing import SynchronousSpool
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -230,6 +231,15 @@ def test_read_spool_reads_every_message_and_changes_nothing(tmp_path):
     assert by_id[ids[1]].size == len(BODY)
 
 
+def test_read_spool_ignores_names_that_are_no_queue_ids(tmp_path):
+    spool, ids = spool_with_messages(tmp_path)
+    (spool.queue_dir / ".editor-swap").write_bytes(b"x")
+    (spool.queue_dir / "notes.txt").write_bytes(b"x")
+    errors: list[str] = []
+    assert [m.envelope.queue_id for m in read_spool(spool.directory, errors)] == sorted(ids)
+    assert errors == []
+
+
 def test_read_spool_of_a_missing_spool_is_empty_and_creates_nothing(tmp_path):
     assert read_spool(tmp_path / "nothing") == []
     assert not (tmp_path / "nothing").exists()
@@ -239,10 +249,10 @@ def test_read_message_and_content(tmp_path):
     spool, ids = spool_with_messages(tmp_path)
     stored = read_message(spool.directory, ids[1])
     assert stored.envelope.queue_id == ids[1]
-    path = spool.content_path(ids[1])
-    assert read_content(path, stored.content_offset) == (
+    content = read_only_spool(spool.directory).content(stored)
+    assert read_content(content) == (
         b"Subject: hello\r\nFrom: a@s.example\r\n", None)
-    assert read_content(path, stored.content_offset, body=True)[1] == BODY
+    assert read_content(content, body=True)[1] == BODY
     assert read_message(spool.directory, "18BCFE5680A1B2AA") is None
     assert read_message(spool.directory, "../../etc/passwd") is None
     assert read_message(spool.directory, ids[1] + ".state") is None

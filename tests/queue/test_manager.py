@@ -10,11 +10,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from relaygw.config import parse_config
-from relaygw.results import delivered, permanent, transient
 from relaygw.envelope import Envelope, EnvelopeRecipient
-from relaygw.queue.state import DELIVERED, FAILED, PENDING
 from relaygw.queue.manager import QueueManager
+from relaygw.queue.state import DELIVERED, FAILED, PENDING
 from relaygw.queue.store import new_queue_id
+from relaygw.results import delivered, permanent, transient
 from relaygw.testing import SynchronousSpool
 
 BODY = b"Subject: test\r\nFrom: a@s.example\r\n\r\nhello\r\n"
@@ -30,7 +30,7 @@ class RecordingCourier:
 
     def deliver(self, job):
         self.jobs.append(job)
-        self.contents.append(Path(job.content_path).read_bytes()[job.content_offset:])
+        self.contents.append(job.content.read_all())
         answer = self.script.pop(0) if self.script else None
         if isinstance(answer, Deferred):
             return answer
@@ -222,3 +222,57 @@ def test_recovered_failures_without_a_dsn_are_bounced_at_start(world, tmp_path):
     (bounce_job,) = world.mx.jobs
     assert bounce_job.envelope.recipients[0].address == "a@s.example"
     assert queue_id not in world.queued()
+
+
+def test_jobs_carry_the_spool_content_of_the_message(world):
+    world.accept(rcpts=("b@corp.example",))
+    (job,) = world.smarthost.jobs
+    assert job.content.size == len(BODY)
+    assert world.smarthost.contents == [BODY]  # read while the courier had the job
+    assert job.indexes == (0,)
+
+
+# -- the public read API ----------------------------------------------------------------------
+
+
+def test_read_api_of_an_empty_queue(world):
+    assert world.manager.queued_ids() == set()
+    assert len(world.manager) == 0
+    assert world.manager  # an empty queue is still a manager
+    assert world.manager.oldest_arrival() is None
+    assert world.manager.messages() == []
+    assert world.manager.message("NOPE") is None
+    assert not world.manager.knows("NOPE")
+
+
+def test_read_api_reports_what_is_queued(world):
+    world.smarthost.script = [[transient("4.4.1", "down")], [transient("4.4.1", "down")]]
+    first = world.accept()
+    arrived = world.clock.seconds()
+    world.clock.advance(10)
+    second = world.accept(rcpts=("c@corp.example",))
+    ids = world.manager.queued_ids()
+    assert ids == {first, second}
+    ids.clear()  # a copy: the manager is not changed
+    assert world.manager.knows(first) and world.manager.knows(second)
+    assert len(world.manager) == 2
+    assert world.manager.oldest_arrival() == arrived
+    shown = world.manager.message(first)
+    assert shown.queue_id == first and not shown.deleted
+    assert shown.stored.size == len(BODY)
+    assert shown.state == world.state(first)
+    assert shown.state.recipients[0].attempts == 1
+    assert sorted(m.queue_id for m in world.manager.messages()) == sorted([first, second])
+
+
+def test_read_api_shows_a_deleted_message_until_its_attempt_ends(world):
+    pending = Deferred()
+    world.smarthost.script = [pending]
+    queue_id = world.accept()
+    world.manager.delete([queue_id])
+    assert world.manager.knows(queue_id)
+    assert world.manager.message(queue_id).deleted
+    assert [m.deleted for m in world.manager.messages()] == [True]
+    pending.callback([transient("4.4.1", "down")])
+    assert not world.manager.knows(queue_id)
+    assert world.manager.message(queue_id) is None and len(world.manager) == 0

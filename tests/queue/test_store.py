@@ -13,10 +13,10 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 
-from relaygw.queue import store
 from relaygw.envelope import Envelope, EnvelopeRecipient
+from relaygw.queue import store
 from relaygw.queue.state import DELIVERED, QueueState
-from relaygw.queue.store import Spool, SpoolError, new_queue_id
+from relaygw.queue.store import Spool, SpoolError, StoredMessage, new_queue_id
 from relaygw.testing import SynchronousSpool
 
 
@@ -58,9 +58,13 @@ def test_committed_message_holds_envelope_and_exact_content(spool):
     assert stored.envelope == env
     assert stored.state == QueueState.initial(env)
     assert stored.size == len(body)
-    raw = Path(spool.content_path(env.queue_id)).read_bytes()
+    content = spool.content(stored)
+    assert Path(content.path) == spool.queue_dir / env.queue_id
+    assert (content.offset, content.size) == (stored.content_offset, len(body))
+    raw = Path(content.path).read_bytes()
     assert raw[stored.content_offset:] == body
-    assert oct(Path(spool.content_path(env.queue_id)).stat().st_mode & 0o777) == "0o600"
+    assert content.read_all() == body
+    assert oct(Path(content.path).stat().st_mode & 0o777) == "0o600"
 
 
 def test_commit_fsyncs_file_and_directory_before_it_fires(spool, monkeypatch):
@@ -267,3 +271,94 @@ def test_envelope_json_is_what_asdict_gives():
     expected = json.dumps(asdict(env), ensure_ascii=False, separators=(",", ":")).encode()
     assert env.to_json() == expected
     assert Envelope.from_json(env.to_json()) == env
+
+
+# -- reading: content, the queue directory, the worker channel's form ---------------------
+
+
+def test_content_reads_in_the_spool_run(spool):
+    env = envelope()
+    writer = spool.new_message(env)
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    result_of(writer.commit())
+    calls = []
+    real_run = spool.run
+    spool.run = lambda fn, *args: (calls.append(fn), real_run(fn, *args))[1]
+    content = spool.content(writer.stored)
+    assert result_of(content.headers()) == b"Subject: x\r\n"
+    assert len(calls) == 1
+
+
+def test_queue_ids_lists_messages_oldest_first_without_state_files(spool):
+    ids = ["18BCFE5680A1B2C2", "18BCFE5680A1B2C0", "18BCFE5680A1B2C1"]
+    for queue_id in ids:
+        result_of(spool.new_message(envelope(queue_id)).commit())
+    result_of(spool.save_state(ids[0], QueueState.initial(envelope(ids[0]))))
+    (spool.queue_dir / "GONE.state").write_bytes(b"{}")
+    assert spool.queue_ids() == sorted(ids)
+
+
+def test_queue_ids_of_a_missing_queue_directory_raise(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Spool(tmp_path / "nothing", reactor=None, threadpool=None).queue_ids()
+
+
+def test_unqueued_names_old_files_nobody_knows(spool):
+    old, known, new = (new_queue_id() for _ in range(3))
+    for queue_id in (old, known, new):
+        result_of(spool.new_message(envelope(queue_id)).commit())
+    result_of(spool.save_state(old, QueueState.initial(envelope(old))))
+    (spool.queue_dir / "STRAY.state").write_bytes(b"{}")
+    cutoff = time.time() - 60
+    for queue_id in (old, known):
+        os.utime(spool.queue_dir / queue_id, (cutoff - 10, cutoff - 10))
+    os.utime(spool.queue_dir / "STRAY.state", (cutoff - 10, cutoff - 10))
+    assert spool.unqueued({known}, cutoff) == [old]
+    assert spool.unqueued(frozenset(), cutoff) == sorted([old, known])
+    assert spool.unqueued({old, known}, time.time() + 60) == [new]
+
+
+def test_unqueued_skips_files_removed_while_it_looks(spool, monkeypatch):
+    ids = sorted(new_queue_id() for _ in range(2))
+    for queue_id in ids:
+        result_of(spool.new_message(envelope(queue_id)).commit())
+    real_scan = spool._scan
+
+    def scan_then_remove():
+        entries = real_scan()
+        os.unlink(spool.queue_dir / ids[0])  # delivered between the listing and the stat
+        return entries
+
+    monkeypatch.setattr(spool, "_scan", scan_then_remove)
+    assert spool.unqueued(set(), time.time() + 60) == [ids[1]]
+
+
+def test_stored_message_encodes_as_the_worker_channel_always_did():
+    env = envelope("18BCFE5680A1B2C3")
+    stored = StoredMessage(env, QueueState.initial(env), 321, 4096)
+    raw = stored.encode()
+    assert raw == b"321 4096 " + env.to_json()
+    assert StoredMessage.decode(raw) == stored
+
+
+def test_stored_message_round_trip_keeps_spaces_in_the_envelope():
+    env = Envelope(queue_id="Q1", sender="a b@s.example", recipients=(
+        EnvelopeRecipient("ü@y.example", {"ORCPT": "rfc822;x y"}),), arrived=1.5,
+        helo="with space", params={"BODY": None})
+    stored = StoredMessage(env, QueueState.initial(env), 0, 0)
+    assert StoredMessage.decode(stored.encode()) == stored
+
+
+def test_stored_message_of_a_commit_round_trips(spool):
+    writer = spool.new_message(envelope())
+    writer.write(b"hello\r\n")
+    result_of(writer.commit())
+    decoded = StoredMessage.decode(writer.stored.encode())
+    assert decoded == writer.stored
+    assert spool.content(decoded).read_all() == b"hello\r\n"
+
+
+def test_stored_message_decode_refuses_garbage():
+    for raw in (b"", b"12", b"12 34", b"x 34 {}", b"12 34 not-json"):
+        with pytest.raises((ValueError, KeyError, TypeError)):
+            StoredMessage.decode(raw)

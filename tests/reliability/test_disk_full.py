@@ -7,7 +7,6 @@ import smtplib
 
 import pytest
 
-from tests.integration.conftest import wait_until
 from tests.reliability.conftest import (
     message,
     payload,
@@ -16,6 +15,7 @@ from tests.reliability.conftest import (
     spool_files,
     start,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-import time
 
 import pytest
 
-from tests.integration.conftest import wait_until
 from tests.reliability.conftest import (
     FAST_RETRY,
     cli,
@@ -19,12 +17,19 @@ from tests.reliability.conftest import (
     send,
     smarthost,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def attempts(daemon, queue_id: str) -> list[str]:
     return [ln for ln in daemon.logs().splitlines() if f"attempt id={queue_id}" in ln]
+
+
+def removed(daemon, queue_id: str) -> None:
+    """Waits for the daemon to log that the message is done and gone from the spool."""
+    wait_until(lambda: f"removed id={queue_id} (done)" in daemon.logs(), timeout=30,
+               what=f"the removal of {queue_id} logged", detail=daemon.logs)
 
 
 def queue_id_of(reply: bytes) -> str:
@@ -46,8 +51,8 @@ def test_certificate_for_the_wrong_name_is_deferred_4_7_5_never_plaintext(daemon
     code, text = send(daemon.port, message("wrong name"))
     assert code == 250, text
     queue_id = queue_id_of(text)
-    lines = wait_until(lambda: attempts(daemon, queue_id)[1:], timeout=20)
-    assert lines, daemon.logs()
+    lines = wait_until(lambda: attempts(daemon, queue_id)[1:], timeout=20,
+                       what="a second attempt logged", detail=daemon.logs)
     for line in lines:
         assert "status=deferred" in line and "4.7.5" in line, line
     assert daemon.queued() == [queue_id]
@@ -61,8 +66,8 @@ def test_smarthost_without_starttls_and_tls_require_is_deferred(daemon, capture)
     code, text = send(daemon.port, message("no starttls"))
     assert code == 250, text
     queue_id = queue_id_of(text)
-    lines = wait_until(lambda: attempts(daemon, queue_id)[1:], timeout=20)
-    assert lines, daemon.logs()
+    lines = wait_until(lambda: attempts(daemon, queue_id)[1:], timeout=20,
+                       what="a second attempt logged", detail=daemon.logs)
     for line in lines:
         assert "status=deferred" in line and "reply=4.7." in line, line
     assert daemon.queued() == [queue_id]
@@ -162,8 +167,10 @@ def test_connection_dropped_mid_data_is_deferred_then_delivered_once(daemon, cap
     ((mail_from, rcpts, content),) = sink.wait_for(1)
     assert (mail_from, rcpts) == ("a@local.example", ["b@remote.example"])
     assert payload(content) == body
-    assert wait_until(lambda: daemon.queued() == [])
-    time.sleep(1.0)
+    # Removed from the spool once its last attempt has ended: no attempt of it can start
+    # after this line, and every one that ended has its copy in the sink already.
+    removed(daemon, queue_id)
+    assert daemon.queued() == []
     assert len(sink.messages) == 1
     assert drop_server.sessions == 1
     assert len(attempts(daemon, queue_id)) == 2
@@ -179,10 +186,10 @@ def test_421_after_data_is_deferred_then_delivered_once(daemon, capture):
     queue_id = queue_id_of(text)
     ((_, _, content),) = sink.wait_for(1, timeout=30)
     assert payload(content) == body
-    assert wait_until(lambda: daemon.queued() == [])
+    removed(daemon, queue_id)  # its last attempt has ended; no other can start
+    assert daemon.queued() == []
     lines = attempts(daemon, queue_id)
     assert len(lines) == 2, lines
     assert "status=deferred" in lines[0] and "421 4.3.0 try later" in lines[0], lines[0]
     assert "status=sent" in lines[1], lines[1]
-    time.sleep(0.5)
     assert len(sink.messages) == 1

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from tests.integration.conftest import wait_until
 from tests.reliability.conftest import message, spool_files, start
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

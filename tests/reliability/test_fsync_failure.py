@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import wait_until
 from tests.reliability.conftest import message, payload, route_to, send, smarthost, spool_files
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
