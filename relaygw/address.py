@@ -76,6 +76,10 @@ class Address:
         escaped = self.local.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"@{self.domain}'
 
+    @property
+    def is_ascii(self) -> bool:
+        """False when the next hop must support SMTPUTF8 to receive this address."""
+        return self.local.isascii() and self.domain.isascii()
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,6 @@ class MailArgs:
 class RcptArgs:
     address: Address
     params: dict[str, str | None] = field(default_factory=dict, hash=False)
-
 
 
 # ---------------------------------------------------------------------------------------------

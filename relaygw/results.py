@@ -33,13 +33,16 @@ class DeliveryResult:
         return f"{self.enhanced} {self.text}"
 
 
-def delivered(text: str = "OK", **kw: object) -> DeliveryResult:
-    return DeliveryResult(DELIVERED, kw.pop("enhanced", "2.0.0"), text, **kw)  # type: ignore[arg-type]
+def delivered(text: str = "OK", *, enhanced: str = "2.0.0", code: int | None = None,
+              remote: str | None = None, tls: str | None = None) -> DeliveryResult:
+    return DeliveryResult(DELIVERED, enhanced, text, code, remote, tls)
 
 
-def transient(enhanced: str, text: str, **kw: object) -> DeliveryResult:
-    return DeliveryResult(TRANSIENT, enhanced, text, **kw)  # type: ignore[arg-type]
+def transient(enhanced: str, text: str, *, code: int | None = None, remote: str | None = None,
+              tls: str | None = None) -> DeliveryResult:
+    return DeliveryResult(TRANSIENT, enhanced, text, code, remote, tls)
 
 
-def permanent(enhanced: str, text: str, **kw: object) -> DeliveryResult:
-    return DeliveryResult(PERMANENT, enhanced, text, **kw)  # type: ignore[arg-type]
+def permanent(enhanced: str, text: str, *, code: int | None = None, remote: str | None = None,
+              tls: str | None = None) -> DeliveryResult:
+    return DeliveryResult(PERMANENT, enhanced, text, code, remote, tls)

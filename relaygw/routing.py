@@ -1,10 +1,13 @@
-"""Routing: which action and next hop each recipient gets. Pure, no I/O.
+"""Routing: alias expansion and which action and next hop each recipient gets. Pure, no I/O.
 
 Like Postfix's trivial-rewrite, the router gives one answer per recipient, a ``RouteDecision``
-(action, next hop, final recipient), and delivery acts on it without deciding again. Aliases are
-expanded first; then the ``[[routes]]`` are tried in order and the first route whose every given
-key matches wins. The same functions run at RCPT time (so an unroutable recipient is refused at
-once) and again at every delivery attempt (so a changed config applies to mail already queued).
+(action, next hop, final recipient), and delivery acts on it without deciding again: the
+``[[routes]]`` are tried in order and the first route whose every given key matches wins.
+``expand_aliases`` turns a recipient into its final ones; the receive stage applies it once, as a
+message is accepted, so the envelope holds final recipients. ``route_recipient`` runs at RCPT
+time (on the expansion, so an unroutable recipient is refused at once) and again at every
+delivery attempt (so a changed config applies to mail already queued); the queue manager groups
+the decisions into transactions.
 
 Addresses are plain ``local@domain`` strings as the SMTP parser writes them (``str(Address)``):
 the domain is everything after the last "@", and a quoted local part (``"john smith"@x``) is
@@ -33,9 +36,7 @@ __all__ = [
     "RouteContext",
     "RouteDecision",
     "expand_aliases",
-    "group_by_nexthop",
     "maildir_path",
-    "route_message",
     "route_recipient",
 ]
 
@@ -320,7 +321,7 @@ def route_recipient(recipient: str, context: RouteContext, config: Config, *,
                     original: str | None = None) -> RouteDecision:
     """The decision for one final recipient: the first route whose every given key matches.
 
-    No aliases are applied here (see ``route_message``). When no route matches, the decision is
+    No aliases are applied here (see ``expand_aliases``). When no route matches, the decision is
     a reject with ``550 5.1.2``; a maildir route whose mailbox name is unsafe rejects with
     ``550 5.1.3``.
     """
@@ -332,34 +333,3 @@ def route_recipient(recipient: str, context: RouteContext, config: Config, *,
     reply = (550, NO_ROUTE_ENHANCED, f"No route to destination for <{recipient}>")
     return _reject(recipient, domain, None, reply, original)
 
-
-def route_message(recipients: Sequence[str], context: RouteContext,
-                  config: Config) -> list[RouteDecision]:
-    """Decisions for a message's recipients: aliases expanded, then each final address routed.
-
-    A final address reached from several recipients is routed once; its ``original`` is the
-    first recipient that led to it. Order follows the recipients and their expansions.
-    """
-    table = _alias_table(config.aliases)
-    seen: set[str] = set()
-    decisions = []
-    for original in recipients:
-        for address in _expand(original, table, MAX_ALIAS_DEPTH, MAX_ALIAS_LOOKUPS):
-            identity = _identity(address)
-            if identity not in seen:
-                seen.add(identity)
-                decisions.append(route_recipient(address, context, config, original=original))
-    return decisions
-
-
-def group_by_nexthop(
-        decisions: Sequence[RouteDecision]) -> dict[tuple[str, str], list[RouteDecision]]:
-    """Recipients that share ``(action, nexthop)`` go in one transaction; rejects are left out.
-
-    Groups and the recipients in them keep their order of first appearance.
-    """
-    groups: dict[tuple[str, str], list[RouteDecision]] = {}
-    for decision in decisions:
-        if decision.action != REJECT:
-            groups.setdefault((decision.action, decision.nexthop), []).append(decision)
-    return groups

@@ -84,18 +84,6 @@ def test_address_is_frozen_and_quoted_is_derived() -> None:
         Address("a", "example.org", False)  # type: ignore[call-arg]
 
 
-@pytest.mark.parametrize(
-    ("address", "is_ascii"),
-    [
-        (Address("user", "example.org"), True),
-        (Address("jörg", "example.org"), False),
-        (Address("user", "xn--tda.example"), True),
-    ],
-)
-def test_address_is_ascii(address: Address, is_ascii: bool) -> None:
-    assert address.is_ascii is is_ascii
-
-
 @pytest.mark.parametrize("local", ["a\r\nRCPT TO:<x>", "a\x00", "a\x7f", "a\x85", "a\u2028"])
 def test_address_refuses_control_characters_in_local_part(local: str) -> None:
     with pytest.raises(ValueError):
@@ -389,7 +377,6 @@ def test_rcpt_non_ascii_follows_the_transaction_flag() -> None:
     result = rcpt("TO:<jörg@Bücher.example>", smtputf8=True)
     assert result == RcptArgs(Address("jörg", "xn--bcher-kva.example"), {})
     assert isinstance(result, RcptArgs)
-    assert not result.address.is_ascii
     assert str(result.address) == "jörg@xn--bcher-kva.example"
 
 

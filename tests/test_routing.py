@@ -1,4 +1,4 @@
-"""Tests for relaygw.routing: aliases, first-match routes, maildir paths, next-hop grouping."""
+"""Tests for relaygw.routing: aliases, first-match routes, maildir paths."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from relaygw.routing import (
     RouteContext,
     RouteDecision,
     expand_aliases,
-    group_by_nexthop,
     maildir_path,
-    route_message,
     route_recipient,
 )
 
@@ -139,22 +137,18 @@ def test_example_anything_else_goes_to_mx(example_config: Config) -> None:
         domain="elsewhere.net", original="someone@Elsewhere.NET")
 
 
-def test_example_message_with_aliases(example_config: Config) -> None:
-    decisions = route_message(
-        ["postmaster@example.org", "john@old.example", "user@example.org", "x@elsewhere.net"],
-        FROM_INSIDE, example_config)
+def test_example_aliases_then_routes(example_config: Config) -> None:
+    # As a message goes: aliases expanded on arrival, then each final recipient routed.
+    recipients = ["postmaster@example.org", "john@old.example", "user@example.org",
+                  "x@elsewhere.net"]
+    decisions = [route_recipient(final, FROM_INSIDE, example_config, original=rcpt)
+                 for rcpt in recipients for final in expand_aliases(rcpt, example_config.aliases)]
     assert [(d.original, d.recipient, d.action, d.nexthop) for d in decisions] == [
         ("postmaster@example.org", "ops@corp.example", "smarthost", "smarthost:exchange"),
         ("postmaster@example.org", "noc@corp.example", "smarthost", "smarthost:exchange"),
         ("john@old.example", "john@example.org", "maildir", "/var/mail/example.org/john"),
         ("user@example.org", "user@example.org", "maildir", "/var/mail/example.org/user"),
         ("x@elsewhere.net", "x@elsewhere.net", "mx", "mx:elsewhere.net"),
-    ]
-    assert list(group_by_nexthop(decisions)) == [
-        ("smarthost", "smarthost:exchange"),
-        ("maildir", "/var/mail/example.org/john"),
-        ("maildir", "/var/mail/example.org/user"),
-        ("mx", "mx:elsewhere.net"),
     ]
 
 
@@ -535,33 +529,6 @@ def test_alias_lookup_budget_bounds_exponential_graphs() -> None:
     assert len(expand_aliases("l0@x.example", table, max_depth=100)) <= 2 * levels
 
 
-def test_route_message_expands_and_deduplicates(tmp_path: Path) -> None:
-    config = make_config(LISTENER + SMARTHOSTS + """
-[aliases]
-"team@example.org" = ["ann@example.org", "ben@example.org"]
-"ops@example.org" = ["ben@example.org", "cat@example.org"]
-
-[[routes]]
-action = "smarthost"
-smarthost = "a"
-""", tmp_path)
-    decisions = route_message(["team@example.org", "ops@example.org", "ANN@example.org",
-                               "ann@EXAMPLE.ORG"], ctx(), config)
-    assert [(d.original, d.recipient) for d in decisions] == [
-        ("team@example.org", "ann@example.org"),
-        ("team@example.org", "ben@example.org"),
-        ("ops@example.org", "cat@example.org"),
-        ("ANN@example.org", "ANN@example.org"),
-    ]
-    assert route_message([], ctx(), config) == []
-
-
-def test_route_message_routes_each_final_address(example_config: Config) -> None:
-    decisions = route_message(["postmaster@example.org"], FROM_OUTSIDE, example_config)
-    assert [(d.recipient, d.nexthop) for d in decisions] == [
-        ("ops@corp.example", "mx:corp.example"), ("noc@corp.example", "mx:corp.example")]
-
-
 # -- maildir paths -----------------------------------------------------------------------------
 
 TEMPLATE = "/var/mail/{domain}/{localpart}"
@@ -656,31 +623,3 @@ def test_maildir_path_never_leaves_the_prefix(template: str, local: str, domain:
     assert os.path.normpath(text) == text
     assert ".." not in path.parts
     assert len(path.parts) == len(Path("/var/mail").parts) + depth
-
-
-# -- grouping ----------------------------------------------------------------------------------
-
-def test_grouping(example_config: Config) -> None:
-    decisions = route_message(
-        ["ops@corp.example", "a@one.example", "noreply-x@two.example", "noc@corp.example",
-         "u1@example.org", "b@one.example", "c@two.example", "u2@example.org"],
-        FROM_INSIDE, example_config)
-    groups = group_by_nexthop(decisions)
-    assert {key: [d.recipient for d in group] for key, group in groups.items()} == {
-        ("smarthost", "smarthost:exchange"): ["ops@corp.example", "noc@corp.example"],
-        ("mx", "mx:one.example"): ["a@one.example", "b@one.example"],
-        ("maildir", "/var/mail/example.org/u1"): ["u1@example.org"],
-        ("mx", "mx:two.example"): ["c@two.example"],
-        ("maildir", "/var/mail/example.org/u2"): ["u2@example.org"],
-    }
-    assert list(groups) == [  # order of first appearance; the reject is in no group
-        ("smarthost", "smarthost:exchange"), ("mx", "mx:one.example"),
-        ("maildir", "/var/mail/example.org/u1"), ("mx", "mx:two.example"),
-        ("maildir", "/var/mail/example.org/u2")]
-
-
-def test_grouping_of_nothing_but_rejects(example_config: Config) -> None:
-    decisions = route_message(["noreply-a@x.example", "noreply-b@x.example"], FROM_INSIDE,
-                              example_config)
-    assert [d.action for d in decisions] == ["reject", "reject"]
-    assert group_by_nexthop(decisions) == {}

@@ -18,8 +18,7 @@ from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IDelayedCall, IStreamServerEndpoint
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,16 +28,9 @@ from relaygw.config import Config, ConfigError, ListenerConfig, load_config
 from relaygw.daemon import wiring
 from relaygw.daemon.control import ControlService, socket_path
 from relaygw.daemon.gc_tuning import quiet_garbage_collector
-from relaygw.daemon.listeners import BindingService, ListenError, ListenerService
+from relaygw.daemon.listeners import BindingService, ListenError
 from relaygw.daemon.wiring import ConfigHolder, Prepared, StartupError
-from relaygw.daemon.workers.pool import HandoffListener, WorkerPool
-from relaygw.observe.metrics import (
-    HealthCheck,
-    Metrics,
-    MetricsService,
-    metrics_resource,
-    smarthost_circuits,
-)
+from relaygw.daemon.workers.pool import WorkerPool
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.service import SpoolService
 from relaygw.queue.store import StoredMessage
@@ -50,12 +42,6 @@ log = Logger(namespace="relaygw.tap")
 # Seconds after which a spool file no queue entry knows of, found after a worker
 # died, is taken as stranded: a live worker reports its messages within moments.
 STRANDED_AFTER = 30.0
-
-
-def _endpoint(reactor: Any, listener: ListenerConfig) -> IStreamServerEndpoint:
-    if ":" in listener.host:
-        return TCP6ServerEndpoint(reactor, listener.port, interface=listener.host, backlog=511)
-    return TCP4ServerEndpoint(reactor, listener.port, interface=listener.host, backlog=511)
 
 
 class _ThreadPoolService(service.Service):
@@ -124,16 +110,12 @@ class RelayService(_SequentialService):
         self.run_blocking = run_blocking
         self.holder = ConfigHolder(config)
         self.stranded_after = stranded_after
-        self.metrics = Metrics(queue_size=lambda: len(self.manager),
-                               oldest_age=self._oldest_age,
-                               circuit_states=lambda: self._circuits())
-        core = wiring.build_core(config, self.holder, reactor, self.metrics)
+        core = wiring.build_core(config, self.holder, reactor)
         self.core = core
         self.spool, self.manager, self.relay = core.spool, core.manager, core.relay
-        self._circuits = smarthost_circuits(self.holder, self.relay.health)
+        self.metrics, self.cleanup = core.metrics, core.cleanup
         spool_service = SpoolService(self.spool, core.spool_pool, reactor)
         spool_service.setServiceParent(self)
-        self.auth_pool = core.auth_pool
         _ThreadPoolService(core.auth_pool).setServiceParent(self)
         _ThreadPoolService(core.dns_pool).setServiceParent(self)
         self.manager.setServiceParent(self)
@@ -141,16 +123,10 @@ class RelayService(_SequentialService):
         self.control = ControlService(socket_path(config.server.spool_dir), self.manager,
                                       self.spool, self.holder, self.reload, reactor)
         self.control.setServiceParent(self)
-        if config.metrics.address is not None:
-            # Added before the listeners, so it stops after them: /healthz says 503 meanwhile.
-            health = HealthCheck(reactor, core.spool_pool, config.server.spool_dir,
-                                 self._listeners_down)
-            assert config.metrics.host is not None and config.metrics.port is not None
-            MetricsService(reactor, config.metrics.host, config.metrics.port,
-                           metrics_resource(self.metrics, health)).setServiceParent(self)
-
-        self.cleanup = wiring.build_cleanup(self.spool, self.manager.enqueued, self.holder,
-                                            self.metrics)
+        # Added before the listeners, so it stops after them: /healthz says 503 meanwhile.
+        metrics_service = wiring.metrics_service(config, core, reactor, self._listeners_down)
+        if metrics_service is not None:
+            metrics_service.setServiceParent(self)
         self.counter = ConnectionCounter(config.server.max_connections,
                                          config.server.max_connections_per_client)
         self.pool: WorkerPool | None = None
@@ -162,12 +138,9 @@ class RelayService(_SequentialService):
             # Stop order (last added first): the listening sockets close, then the
             # workers finish their sessions.
             self.listeners = _SequentialService()
-            self.pool = WorkerPool(
-                reactor, config.server.workers,
-                frozenset(lc.address for lc in config.listeners), self.counter,
-                self.manager.enqueued, metrics=self.metrics, grace=config.server.shutdown_grace,
-                log_format=worker_log, on_worker_died=self._worker_died,
-                backlog=self.manager.delivery_progress)
+            self.pool = wiring.worker_pool(config, core, self.counter, reactor,
+                                           worker_log=worker_log,
+                                           on_worker_died=self._worker_died)
             self.pool.setServiceParent(self.listeners)
         else:
             self.listeners = service.MultiService()  # stopped together: they drain in parallel
@@ -220,10 +193,6 @@ class RelayService(_SequentialService):
 
     # -- health -------------------------------------------------------------------
 
-    def _oldest_age(self) -> float:
-        arrived = self.manager.oldest_arrival()
-        return max(0.0, self.reactor.seconds() - arrived) if arrived is not None else 0.0
-
     def _listeners_down(self) -> list[str]:
         if not self.by_listener:
             return ["no listener"]
@@ -246,7 +215,7 @@ class RelayService(_SequentialService):
             return worker_problems
         problems: list[str] = []
         self._drop_listeners(config)
-        auth = wiring.authenticator(prepared, self.auth_pool, self.reactor)
+        auth = wiring.authenticator(prepared, self.core.auth_pool, self.reactor)
         for listener in config.listeners:
             existing = self.by_listener.get(listener)
             if existing is not None:
@@ -260,10 +229,9 @@ class RelayService(_SequentialService):
             config, prepared, new, policy=self.core.policy, sink=self.cleanup, auth=auth,
             reactor=self.reactor, counter=self.counter, metrics=self.metrics)
         for listener, built in sessions.items():
-            svc = ListenerService(_endpoint(self.reactor, listener), built.outer,
-                                  listener.address, sessions=built.factory,
-                                  grace=config.server.shutdown_grace)
-            self._add_listener(listener, svc, problems)
+            self._add_listener(listener,
+                               wiring.listener_service(config, listener, built, self.reactor),
+                               problems)
         for route in config.routes:
             if route.action == "maildir":
                 log.info("routes[{index}]: maildir delivery under {template}",
@@ -300,7 +268,8 @@ class RelayService(_SequentialService):
         self._drop_listeners(config)
         for listener in config.listeners:
             if listener not in self.by_listener:
-                self._add_listener(listener, HandoffListener(self.reactor, listener, self.pool),
+                self._add_listener(listener,
+                                   wiring.handoff_listener(listener, self.pool, self.reactor),
                                    problems)
         self.pool.grace = config.server.shutdown_grace
         snapshot = pickle.dumps((config, prepared.users), protocol=pickle.HIGHEST_PROTOCOL)

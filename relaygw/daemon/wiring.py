@@ -8,21 +8,27 @@ build what they need here, so every process serves exactly the same sessions:
 - ``build_sessions``: per listener, the SMTP session factory and what the socket
   talks to (the factory, inside TLS on an implicit-TLS port);
 - ``build_cleanup``: the receive stage and its transforms;
-- ``build_core``: the main process's spool, queue, couriers and metrics.
+- ``build_core``: the main process's spool, queue, couriers and metrics;
+- ``listener_service``, ``handoff_listener``, ``metrics_service``, ``worker_pool``:
+  the main process's listening services;
+- ``build_worker_front``: what an SMTP worker process serves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.config import Config, ListenerConfig
+from relaygw.daemon.listeners import ListenerService
+from relaygw.daemon.workers.pool import HandoffListener, WorkerPool
 from relaygw.delivery.courier import Courier
 from relaygw.delivery.dns import Resolver
 from relaygw.delivery.local import MaildirCourier
@@ -42,8 +48,18 @@ from relaygw.smtp.server import (
 )
 from relaygw.smtp.tls import TLSSetupError, ensure_self_signed, server_tls_options
 
+SPOOL_THREADS = (2, 16)  # min, max: commits and reads of many sessions at once
+AUTH_THREADS = (0, 4)  # scrypt checks
+DNS_THREADS = (0, 10)  # dnspython lookups
+
+if TYPE_CHECKING:
+    from relaygw.observe.metrics import Metrics, MetricsService
+
 # The namespace log lines have always carried: operators grep for it.
 log = Logger(namespace="relaygw.front")
+
+
+UNLIMITED = 1 << 62  # a worker's own connection caps: the main process enforces the real ones
 
 
 class StartupError(Exception):
@@ -178,6 +194,14 @@ def resolver(config: Config, reactor: Any, dns_pool: ThreadPool) -> Resolver:
     return Resolver(reactor, dns_pool, config.dns.nameservers, config.dns.timeout)
 
 
+def spool_pool() -> ThreadPool:
+    return ThreadPool(*SPOOL_THREADS, name="relaygw-spool")
+
+
+def auth_pool() -> ThreadPool:
+    return ThreadPool(*AUTH_THREADS, name="relaygw-auth")
+
+
 @dataclass
 class Core:
     """The main process's mail path, below the sessions."""
@@ -189,21 +213,97 @@ class Core:
     relay: RelayCourier
     manager: QueueManager
     policy: ConfiguredPolicy
+    metrics: Metrics
+    cleanup: Cleanup
 
 
-def build_core(config: Config, holder: ConfigHolder, reactor: Any, metrics: Any) -> Core:
-    spool_pool = ThreadPool(minthreads=2, maxthreads=16, name="relaygw-spool")
-    spool = Spool(config.server.spool_dir, reactor, spool_pool)
-    auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="relaygw-auth")
-    dns_pool = ThreadPool(minthreads=0, maxthreads=10, name="relaygw-dns")
+def build_core(config: Config, holder: ConfigHolder, reactor: Any) -> Core:
+    # Imported here: SMTP workers use this module too, and they need neither
+    # prometheus_client nor twisted.web (6 MiB each).
+    from relaygw.observe.metrics import Metrics, smarthost_circuits
+
+    spool_threads = spool_pool()
+    spool = Spool(config.server.spool_dir, reactor, spool_threads)
+    dns_pool = ThreadPool(*DNS_THREADS, name="relaygw-dns")
     relay = RelayCourier(reactor, resolver(config, reactor, dns_pool), holder, spool.run)
     couriers: dict[str, Courier] = {
         "maildir": MaildirCourier(spool.run, lambda: holder().server.hostname),
         "smarthost": relay,
         "mx": relay,
     }
+
+    def oldest_age() -> float:
+        arrived = manager.oldest_arrival()
+        return max(0.0, reactor.seconds() - arrived) if arrived is not None else 0.0
+
+    metrics = Metrics(queue_size=lambda: len(manager), oldest_age=oldest_age,
+                      circuit_states=smarthost_circuits(holder, relay.health))
     manager = QueueManager(spool, holder, couriers, reactor,
                            grace=config.server.shutdown_grace,
                            on_grace_over=relay.abort_all, metrics=metrics)
-    return Core(spool, spool_pool, auth_pool, dns_pool, relay, manager,
-                ConfiguredPolicy(holder, spool))
+    cleanup = build_cleanup(spool, manager.enqueued, holder, metrics)
+    return Core(spool, spool_threads, auth_pool(), dns_pool, relay, manager,
+                ConfiguredPolicy(holder, spool), metrics, cleanup)
+
+
+def _endpoint(reactor: Any, listener: ListenerConfig) -> IStreamServerEndpoint:
+    if ":" in listener.host:
+        return TCP6ServerEndpoint(reactor, listener.port, interface=listener.host, backlog=511)
+    return TCP4ServerEndpoint(reactor, listener.port, interface=listener.host, backlog=511)
+
+
+def listener_service(config: Config, listener: ListenerConfig, sessions: Sessions,
+                     reactor: Any) -> ListenerService:
+    """One process mode: a listening port whose sessions run here."""
+    return ListenerService(_endpoint(reactor, listener), sessions.outer, listener.address,
+                           sessions=sessions.factory, grace=config.server.shutdown_grace)
+
+
+def handoff_listener(listener: ListenerConfig, pool: WorkerPool,
+                     reactor: Any) -> HandoffListener:
+    """Worker mode: a listening socket whose clients go to the workers."""
+    return HandoffListener(reactor, listener, pool)
+
+
+def worker_pool(config: Config, core: Core, counter: ConnectionCounter, reactor: Any, *,
+                worker_log: str | None, on_worker_died: Callable[[], None]) -> WorkerPool:
+    return WorkerPool(
+        reactor, config.server.workers, frozenset(lc.address for lc in config.listeners),
+        counter, core.manager.enqueued, metrics=core.metrics,
+        grace=config.server.shutdown_grace, log_format=worker_log,
+        on_worker_died=on_worker_died, backlog=core.manager.delivery_progress)
+
+
+def metrics_service(config: Config, core: Core, reactor: Any,
+                    listeners_down: Callable[[], list[str]]) -> MetricsService | None:
+    """/metrics and /healthz, when ``[metrics] address`` is set."""
+    from relaygw.observe.metrics import HealthCheck, MetricsService, metrics_resource
+
+    if config.metrics.host is None or config.metrics.port is None:
+        return None
+    health = HealthCheck(reactor, core.spool_pool, config.server.spool_dir, listeners_down)
+    return MetricsService(reactor, config.metrics.host, config.metrics.port,
+                          metrics_resource(core.metrics, health))
+
+
+class FrontMetrics(ReceiveMetrics, SessionMetrics, Protocol):
+    """What the sessions and the receive stage of a process count."""
+
+
+def build_worker_front(config: Config, users: dict[str, str] | None, reactor: Any, *,
+                       spool_threads: ThreadPool, auth_threads: ThreadPool,
+                       metrics: FrontMetrics, hand_off: Callable[[StoredMessage], None],
+                       on_session_end: Callable[[object], None],
+                       ) -> tuple[Spool, dict[str, Sessions]]:
+    """An SMTP worker's spool and sessions, by listener address. The main process
+    enforces the connection caps; the worker spools each message itself, then
+    ``hand_off`` reports it. Raises StartupError when the TLS files cannot be read."""
+    prepared = Prepared(users, tls_options(config, announce=False))
+    spool = Spool(config.server.spool_dir, reactor, spool_threads)
+    cleanup = build_cleanup(spool, hand_off, lambda: config, metrics)
+    built = build_sessions(
+        config, prepared, policy=ConfiguredPolicy(lambda: config, spool), sink=cleanup,
+        auth=authenticator(prepared, auth_threads, reactor), reactor=reactor,
+        counter=ConnectionCounter(UNLIMITED, UNLIMITED), metrics=metrics,
+        on_session_end=on_session_end)
+    return spool, {listener.address: sessions for listener, sessions in built.items()}

@@ -755,12 +755,13 @@ class SMTPClientProtocol(Protocol):
 
     def _refusal(self, message: OutboundMessage) -> DeliveryResult | None:
         """Why the next hop cannot take this message at all, decided before sending."""
-        extra = {"remote": self.remote, "tls": self.tls_version}
+        remote, tls = self.remote, self.tls_version
         if message.smtputf8 and "SMTPUTF8" not in self.extensions:
-            return permanent("5.6.7", "SMTPUTF8 not supported by the next hop", **extra)
+            return permanent("5.6.7", "SMTPUTF8 not supported by the next hop",
+                             remote=remote, tls=tls)
         limit = self.extensions.get("SIZE", "").strip()
         if "SIZE" in self.extensions and limit.isdigit() and 0 < int(limit) < message.size:
-            return permanent("5.3.4", "message too big for the next hop", **extra)
+            return permanent("5.3.4", "message too big for the next hop", remote=remote, tls=tls)
         return None
 
     def _envelope_lines(self, message: OutboundMessage) -> tuple[str, list[str]]:

@@ -24,7 +24,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -210,7 +210,8 @@ class _Worker:
 
     def hand_over(self, conn_id: int, listener: str, conn: socket.socket, host: str) -> None:
         assert self.channel is not None and self.channel.transport is not None
-        transport = IUNIXTransport(self.channel.transport)  # a UNIX socketpair end
+        # A socketpair end: a UNIX transport (a cast, not an adaptation: no runtime check).
+        transport = cast(IUNIXTransport, self.channel.transport)
         self.conns[conn_id] = (listener, host, conn)
         transport.sendFileDescriptor(conn.fileno())
         transport.write(b"C %d %s %d\n" % (conn_id, listener.encode(),

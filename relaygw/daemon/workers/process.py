@@ -33,7 +33,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, LogEvent, Logger, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from relaygw.config import Config
@@ -43,15 +42,12 @@ from relaygw.daemon.workers.channel import MAX_LINE, ChannelFactory
 from relaygw.observe.logs import FORMATS, observer_for
 from relaygw.observe.null import NullMetrics
 from relaygw.queue.service import FREE_SPACE_INTERVAL
-from relaygw.queue.store import Spool, StoredMessage
-from relaygw.receive.policy import ConfiguredPolicy
-from relaygw.smtp.server import ConnectionCounter
+from relaygw.queue.store import StoredMessage
 
 # The namespace log lines have always carried: operators grep for it.
 log = Logger(namespace="relaygw.worker")
 
 CHANNEL_FD = 3
-_UNLIMITED = 1 << 62  # the main process enforces the connection caps
 PR_SET_PDEATHSIG = 1
 
 
@@ -185,8 +181,8 @@ class Worker:
         self.exit_code = 0
         self._exited = False
         self.sessions: dict[str, wiring.Sessions] = {}  # by listener address
-        self.spool_pool = ThreadPool(minthreads=2, maxthreads=16, name="relaygw-spool")
-        self.auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="relaygw-auth")
+        self.spool_pool = wiring.spool_pool()
+        self.auth_pool = wiring.auth_pool()
         self._free_space = LoopingCall(self._refresh_free_space)
         self._free_space.clock = reactor
 
@@ -204,23 +200,16 @@ class Worker:
         config, users = pickle.loads(snapshot)  # noqa: S301
         self.config = config
         try:
-            prepared = wiring.Prepared(users, wiring.tls_options(config, announce=False))
+            self.spool, self.sessions = wiring.build_worker_front(
+                config, users, self.reactor, spool_threads=self.spool_pool,
+                auth_threads=self.auth_pool, metrics=ForwardedMetrics(self._send),
+                hand_off=self._queued, on_session_end=self._closed)
         except wiring.StartupError as e:
             log.error("worker {index} cannot start: {error}", index=self.index, error=str(e))
             self.exit_code = 2
             self.draining = True
             self._exit()
             return
-        self.spool = Spool(config.server.spool_dir, self.reactor, self.spool_pool)
-        metrics = ForwardedMetrics(self._send)
-        # The sink of this process: the message is spooled here, then reported.
-        cleanup = wiring.build_cleanup(self.spool, self._queued, lambda: config, metrics)
-        built = wiring.build_sessions(
-            config, prepared, policy=ConfiguredPolicy(lambda: config, self.spool),
-            sink=cleanup, auth=wiring.authenticator(prepared, self.auth_pool, self.reactor),
-            reactor=self.reactor, counter=ConnectionCounter(_UNLIMITED, _UNLIMITED),
-            metrics=metrics, on_session_end=self._closed)
-        self.sessions = {listener.address: s for listener, s in built.items()}
         self.spool_pool.start()
         self.auth_pool.start()
         self._free_space.start(FREE_SPACE_INTERVAL, now=True)
