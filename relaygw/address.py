@@ -76,11 +76,6 @@ class Address:
         escaped = self.local.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"@{self.domain}'
 
-    @property
-    def is_ascii(self) -> bool:
-        """False when the next hop must support SMTPUTF8 to receive this address."""
-        return self.local.isascii() and self.domain.isascii()
-
 
 @dataclass(frozen=True)
 class MailArgs:

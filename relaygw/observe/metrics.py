@@ -469,7 +469,8 @@ class MetricsService(service.Service):
 
     Binds in privilegedStartService, like the SMTP listeners, so a port below
     1024 works when twistd drops privileges; an address that cannot be bound
-    stops start-up with one line.
+    stops start-up with one line. ``reactor`` also times the site's idle
+    connections (``IReactorTime``).
     """
 
     name = "metrics"

@@ -1,4 +1,5 @@
-"""Server-side TLS: contexts from PEM files, a self-signed bootstrap, session facts.
+"""TLS for the SMTP protocols: server contexts from PEM files, a self-signed bootstrap,
+and the facts of an established session (both directions report them).
 
 Everything that can go wrong with the configured files is found when the options are
 built (at start-up), not at the first client's handshake.
