@@ -204,11 +204,6 @@ class RouteConfig:
     reply_enhanced: str | None = None
     reply_text: str | None = None
 
-    @property
-    def is_catch_all(self) -> bool:
-        return not (self.recipient_domains or self.recipients or self.senders
-                    or self.client_networks or self.authenticated is not None)
-
 
 @dataclass(frozen=True)
 class MetricsConfig:

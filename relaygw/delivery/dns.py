@@ -110,8 +110,7 @@ class Resolver:
         except DNSFailure as e:
             return fail(e)
         d = deferToThreadPool(self._reactor, self._threadpool, self._lookup_mx, name, label)
-        d.addCallback(self._mx_answer, name)  # shuffled here, on the reactor thread
-        return d
+        return d.addCallback(self._mx_answer, name)  # shuffled here, on the reactor thread
 
     def host_addresses(self, host: str) -> Deferred[list[str]]:
         """The IP addresses of ``host``: IPv4 first, then IPv6, in DNS order within each.
@@ -134,8 +133,7 @@ class Resolver:
             for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
         ]
         d = DeferredList(queries, consumeErrors=True)
-        d.addCallback(_combine_addresses, label, self.timeout)
-        return d
+        return d.addCallback(_combine_addresses, label, self.timeout)
 
     # -- in the thread pool ------------------------------------------------------------------
 

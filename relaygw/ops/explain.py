@@ -20,7 +20,6 @@ import textwrap
 from typing import Any
 
 from relaygw.address import Address, MailArgs, RcptArgs, domain_matches
-from relaygw.smtp.arguments import parse_mail_from, parse_rcpt_to
 from relaygw.config import Config
 from relaygw.receive.relay import ClientInfo, RelayDecision, is_trusted, relay_decision
 from relaygw.routing import (
@@ -33,6 +32,7 @@ from relaygw.routing import (
     expand_aliases,
     route_recipient,
 )
+from relaygw.smtp.arguments import parse_mail_from, parse_rcpt_to
 from relaygw.smtp.replies import Reply
 
 __all__ = ["DEFAULT_CLIENT_IP", "explain", "render_text", "resolve"]

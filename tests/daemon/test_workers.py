@@ -1,5 +1,6 @@
 """The channel between the main process and its SMTP workers, without processes:
-relaygw.daemon.workers.process's encoding of log events and metrics, and relaygw.daemon.workers.pool's side
+the worker's encoding of log events and metrics (relaygw.daemon.workers.process), and the
+main process's side (relaygw.daemon.workers.pool)
 (WorkerPool: dispatch, the connection caps, releases, deaths and respawns, reloads)
 driven with a fake reactor and fake worker transports."""
 
@@ -300,7 +301,9 @@ class Pool:
         self.metrics = Metrics()
         self.pool = WorkerPool(self.reactor, count, frozenset([ADDRESS]),
                                self.counter, self.queued.append, metrics=self.metrics,
-                               grace=5.0, command=["/usr/bin/python3", "-m", "relaygw.daemon.workers.process"])
+                               grace=5.0,
+                               command=["/usr/bin/python3", "-m",
+                                        "relaygw.daemon.workers.process"])
         self.pool.snapshot = SNAPSHOT
         self.listener = SimpleNamespace(address=ADDRESS, listener=SimpleNamespace(tls="none"))
         self.transports: dict[int, FDTransport] = {}

@@ -26,8 +26,8 @@ from twisted.python import threadable
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.config import HostPort
-from relaygw.results import PERMANENT, TRANSIENT, permanent, transient
 from relaygw.delivery.dns import DNSFailure, MXAnswer, MXHost, Resolver, order_mx
+from relaygw.results import PERMANENT, TRANSIENT, permanent, transient
 from tests.support.dns_server import LoopbackDNSServer
 
 pytestmark = pytest.mark.integration
@@ -424,7 +424,7 @@ def test_server_rejects_unknown_zone_keys(reactor):
         LoopbackDNSServer(reactor).set_servfail("x.example", "BOGUS")
 
 
-# -- python -m tests.support.dns_server -------------------------------------------------------------
+# -- python -m tests.support.dns_server ------------------------------------------------
 
 
 def spawn_server(tmp_path, zone, *extra):

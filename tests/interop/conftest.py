@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.postfix import PostfixInstance, make_directory, unavailable_reason
 from tests.integration.conftest import ca, capture, cli, daemon, free_port  # noqa: F401
+from tests.support.postfix import PostfixInstance, make_directory, unavailable_reason
 
 __all__ = ["ca", "capture", "cli", "daemon", "postfix", "require_tool", "without_dns"]
 

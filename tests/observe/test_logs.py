@@ -370,8 +370,8 @@ Options = _PluginOptions  # this module doubles as the plugin's module for Servi
     (["--logfile", "relaygw.log", "relaygw", "--log-format", "json"], "twistd_json_logger"),
     (["--nodaemon", "relaygw"], "twistd_text_logger"),  # text on stdout: the fast formatter
     (["--logfile", "relaygw.log", "relaygw"], None),  # a text log file: twistd's own (SIGUSR1)
-    (["--nodaemon", "--logger", "relaygw.observe.logs.json_logger", "relaygw", "--log-format", "json"],
-     "json_logger"),
+    (["--nodaemon", "--logger", "relaygw.observe.logs.json_logger", "relaygw",
+      "--log-format", "json"], "json_logger"),
 ])
 def test_configure_twistd_through_twistds_own_option_parsing(argv: list[str],
                                                              factory: str | None) -> None:

@@ -1,4 +1,5 @@
-"""Tests for relaygw.receive.relay: the inbound relay decision, including nmap's open-relay matrix."""
+"""Tests for relaygw.receive.relay: the inbound relay decision, including nmap's
+open-relay matrix."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relaygw.address import Address, MailArgs, RcptArgs
-from relaygw.smtp.arguments import parse_mail_from, parse_rcpt_to
 from relaygw.receive.relay import ClientInfo, RelayDecision, is_trusted, relay_decision
+from relaygw.smtp.arguments import parse_mail_from, parse_rcpt_to
 from relaygw.smtp.replies import Reply
 
 SERVER = "relay.example"  # the server's name and its one relay domain
