@@ -1,4 +1,5 @@
-"""A listening port as a service that fails start-up cleanly."""
+"""Listening ports as services that bind before privileges drop and fail start-up
+with one line: the SMTP listeners of one-process mode, and /metrics."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import sys
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTCP
 from twisted.logger import Logger
 
-# The namespace log lines have always carried: operators grep for it.
+# The namespaces log lines have always carried: operators grep for them.
 log = Logger(namespace="relaygw.listener")
+metrics_log = Logger(namespace="relaygw.metrics")
 
 
 class ListenError(Exception):
@@ -79,3 +84,54 @@ class ListenerService(BindingService):
         if self.sessions is not None:
             d.addCallback(lambda _: self.sessions.drain(self.grace))
         return d
+
+
+class MetricsService(BindingService):
+    """Serves /metrics and /healthz (``site``) over HTTP on host:port (port 0: any free
+    port, see ``port``); bound before privileges drop, like the SMTP listeners."""
+
+    name = "metrics"
+
+    def __init__(self, reactor: IReactorTCP, host: str, port: int,
+                 site: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.requested_port = port
+        self.site = site
+        self.listening: IListeningPort | None = None
+
+    @property
+    def port(self) -> int | None:  # a number here; the SMTP listeners hold the port object
+        """The bound port number while listening."""
+        if self.listening is None:
+            return None
+        address = self.listening.getHost()
+        assert isinstance(address, IPv4Address | IPv6Address)  # listenTCP's port is TCP
+        return address.port
+
+    def _address(self, port: int | None) -> str:
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+
+    def bind(self) -> None:
+        """Listen now (once); ListenError names the key, the address and the reason."""
+        if self.listening is not None:
+            return
+        try:
+            # listenTCP is annotated for factories of the default protocol type only.
+            self.listening = self.reactor.listenTCP(self.requested_port,
+                                                    self.site,  # type: ignore[arg-type]
+                                                    interface=self.host)
+        except CannotListenError as e:
+            raise ListenError(f"cannot listen on metrics.address "
+                              f"{self._address(self.requested_port)}: "
+                              f"{e.socketError}") from None
+        metrics_log.info("metrics: serving /metrics and /healthz on {address}",
+                         address=self._address(self.port))
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.listening is None:
+            return None
+        listening, self.listening = self.listening, None
+        # No public maybeDeferred overload takes a function returning "Deferred or None".
+        return maybeDeferred(listening.stopListening)  # type: ignore[call-overload]

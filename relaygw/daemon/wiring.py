@@ -27,7 +27,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.config import Config, ListenerConfig
-from relaygw.daemon.listeners import ListenerService
+from relaygw.daemon.listeners import ListenerService, MetricsService
 from relaygw.daemon.workers.pool import HandoffListener, WorkerPool
 from relaygw.delivery.courier import Courier
 from relaygw.delivery.dns import Resolver
@@ -53,7 +53,7 @@ AUTH_THREADS = (0, 4)  # scrypt checks
 DNS_THREADS = (0, 10)  # dnspython lookups
 
 if TYPE_CHECKING:
-    from relaygw.observe.metrics import Metrics, MetricsService
+    from relaygw.observe.metrics import Metrics
 
 # The namespace log lines have always carried: operators grep for it.
 log = Logger(namespace="relaygw.front")
@@ -277,13 +277,13 @@ def worker_pool(config: Config, core: Core, counter: ConnectionCounter, reactor:
 def metrics_service(config: Config, core: Core, reactor: Any,
                     listeners_down: Callable[[], list[str]]) -> MetricsService | None:
     """/metrics and /healthz, when ``[metrics] address`` is set."""
-    from relaygw.observe.metrics import HealthCheck, MetricsService, metrics_resource
+    from relaygw.observe.metrics import HealthCheck, metrics_resource, metrics_site
 
     if config.metrics.host is None or config.metrics.port is None:
         return None
     health = HealthCheck(reactor, core.spool_pool, config.server.spool_dir, listeners_down)
     return MetricsService(reactor, config.metrics.host, config.metrics.port,
-                          metrics_resource(core.metrics, health))
+                          metrics_site(metrics_resource(core.metrics, health), reactor))
 
 
 class FrontMetrics(ReceiveMetrics, SessionMetrics, Protocol):

@@ -23,7 +23,6 @@ import bisect
 import os
 import re
 import secrets
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
@@ -38,14 +37,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import RestrictedRegistry
 from prometheus_client.utils import floatToGoString
-from twisted.application import service
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
-    IListeningPort,
     IReactorFromThreads,
-    IReactorTCP,
     IReactorTime,
 )
 from twisted.internet.threads import deferToThreadPool
@@ -66,7 +60,7 @@ if TYPE_CHECKING:
 # The namespace log lines have always carried: operators grep for it.
 log = Logger(namespace="relaygw.metrics")
 
-__all__ = ["NO_METRICS", "NullMetrics", "Metrics", "MetricsService", "HealthCheck",
+__all__ = ["NO_METRICS", "NullMetrics", "Metrics", "HealthCheck", "metrics_site",
            "metrics_resource", "smarthost_circuits"]
 
 # Arrival to final outcome: from a local Maildir write to the end of a 5-day queue life.
@@ -464,73 +458,7 @@ class _QuietSite(Site):
         """No access log: a scrape every few seconds is noise in the mail log."""
 
 
-class MetricsService(service.Service):
-    """Serves ``resource`` over HTTP on host:port (port 0: any free port, see ``port``).
-
-    Binds in privilegedStartService, like the SMTP listeners, so a port below
-    1024 works when twistd drops privileges; an address that cannot be bound
-    stops start-up with one line. ``reactor`` also times the site's idle
-    connections (``IReactorTime``).
-    """
-
-    name = "metrics"
-
-    def __init__(self, reactor: IReactorTCP, host: str, port: int, resource: Resource) -> None:
-        self.reactor = reactor
-        self.host = host
-        self.requested_port = port
-        self.site = _QuietSite(resource, timeout=60, reactor=reactor)
-        self.listening: IListeningPort | None = None
-
-    @property
-    def port(self) -> int | None:
-        """The bound port number while listening."""
-        if self.listening is None:
-            return None
-        address = self.listening.getHost()
-        assert isinstance(address, IPv4Address | IPv6Address)  # listenTCP's port is TCP
-        return address.port
-
-    def _address(self, port: int | None) -> str:
-        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        try:
-            self.bind()
-        except MetricsListenError as e:
-            print(f"relaygw: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-
-    def startService(self) -> None:
-        super().startService()
-        self.bind()
-
-    def bind(self) -> None:
-        """Listen now (once); MetricsListenError names the address and the reason."""
-        if self.listening is not None:
-            return
-        try:
-            # Twisted's listenTCP is annotated for factories of its default protocol type
-            # only, and ServerFactory is invariant in it: Site's is its HTTP channel.
-            self.listening = self.reactor.listenTCP(self.requested_port,
-                                                    self.site,  # type: ignore[arg-type]
-                                                    interface=self.host)
-        except CannotListenError as e:
-            raise MetricsListenError(f"cannot listen on metrics.address "
-                                     f"{self._address(self.requested_port)}: "
-                                     f"{e.socketError}") from None
-        log.info("metrics: serving /metrics and /healthz on {address}",
-                 address=self._address(self.port))
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self.listening is None:
-            return None
-        listening, self.listening = self.listening, None
-        # No public maybeDeferred overload takes a function returning "Deferred or None".
-        return maybeDeferred(listening.stopListening)  # type: ignore[call-overload]
-
-
-class MetricsListenError(Exception):
-    """metrics.address cannot be bound."""
+def metrics_site(resource: Resource, reactor: IReactorTime) -> Site:
+    """The HTTP site serving ``resource``, without an access log; ``reactor`` times
+    its idle connections."""
+    return _QuietSite(resource, timeout=60, reactor=reactor)

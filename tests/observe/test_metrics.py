@@ -25,16 +25,16 @@ from twisted.web.client import Agent, ResponseDone
 from twisted.web.http_headers import Headers
 
 from relaygw.config import HostPort
+from relaygw.daemon.listeners import ListenError, MetricsService
 from relaygw.delivery.relay import HostHealth
 from relaygw.observe.metrics import (
     LATENCY_BUCKETS,
     NO_METRICS,
     HealthCheck,
     Metrics,
-    MetricsListenError,
-    MetricsService,
     NullMetrics,
     metrics_resource,
+    metrics_site,
     smarthost_circuits,
     spool_problem,
     spool_writable,
@@ -430,7 +430,8 @@ def fetch(reactor: Any, port: int, path: str, headers: dict[str, str] | None = N
 
 
 def serving(reactor: Any, metrics: Metrics, health: Any) -> MetricsService:
-    svc = MetricsService(reactor, "127.0.0.1", 0, metrics_resource(metrics, health))
+    svc = MetricsService(reactor, "127.0.0.1", 0,
+                         metrics_site(metrics_resource(metrics, health), reactor))
     svc.startService()
     assert svc.port and svc.port > 0
     return svc
@@ -557,9 +558,10 @@ def test_no_access_log_and_the_port_closes(reactor) -> None:
 def test_address_in_use(reactor) -> None:
     first = serving(reactor, Metrics(), lambda: (True, "ok"))
     second = MetricsService(reactor, "127.0.0.1", first.port,
-                            metrics_resource(Metrics(), lambda: (True, "ok")))
+                            metrics_site(metrics_resource(Metrics(), lambda: (True, "ok")),
+                                         reactor))
     try:
-        with pytest.raises(MetricsListenError,
+        with pytest.raises(ListenError,
                            match=rf"^cannot listen on metrics.address 127.0.0.1:{first.port}: "):
             second.bind()
         assert second.port is None
