@@ -6,17 +6,20 @@ greeting moves to the next host, and a host that keeps failing is skipped
 for a while (circuit breaker). Once a transaction has started, a failure is
 not retried elsewhere at once: the queue retries later, so a message is never
 sent twice in one attempt. Idle connections are kept briefly for reuse.
+
+One async style: the dialogue is coroutines awaiting Deferreds, entered through
+``Deferred.fromCoroutine`` in ``deliver``, as in the SMTP client.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 
@@ -197,57 +200,53 @@ class RelayCourier:
                 delivery.max_connections_per_destination)
         return self._total, sem
 
-    def deliver(self, job: DeliveryJob) -> Deferred:
+    def deliver(self, job: DeliveryJob) -> Deferred[list[DeliveryResult]]:
         destination = job.decisions[0].nexthop
         total, per_destination = self._limits(destination)
+
+        def attempt() -> Deferred[list[DeliveryResult]]:
+            return Deferred.fromCoroutine(self._deliver(job))
+
         # Wait for the destination first, so a busy destination holds no global token.
-        return per_destination.run(total.run, self._deliver, job)
+        return per_destination.run(total.run, attempt)
 
     # -- targets ----------------------------------------------------------------
 
-    @inlineCallbacks
-    def _trust_root(self, ca_file: Path | None) -> Generator[Deferred[Any], Any, Any]:
+    async def _trust_root(self, ca_file: Path | None) -> Any:
         """A CA bundle as a trust root; read once, in the spool's threads."""
         if ca_file is None:
             return None
         if ca_file not in self._trust:
-            data = yield self.run(ca_file.read_bytes)
+            data = await self.run(ca_file.read_bytes)
             pems = data.split(b"-----END CERTIFICATE-----")
             certs = [Certificate.loadPEM(p + b"-----END CERTIFICATE-----\n")
                      for p in pems if b"-----BEGIN CERTIFICATE-----" in p]
             self._trust[ca_file] = trustRootFromCertificates(certs)
         return self._trust[ca_file]
 
-    @inlineCallbacks
-    def _password(self, path: Path | None) -> Generator[Deferred[Any], Any, str | None]:
+    async def _password(self, path: Path | None) -> str | None:
         if path is None:
             return None
         if path not in self._secrets:
-            text = yield self.run(path.read_text)
+            text = await self.run(path.read_text)
             self._secrets[path] = text.strip("\r\n")
         return self._secrets[path]
 
-    def _smarthost_targets(self, name: str) -> Deferred:
-        """Deferred[list[_Target]]; built once per configuration, not per message."""
+    async def _smarthost_targets(self, name: str) -> list[_Target]:
+        """Built once per configuration, not per message."""
         config = self.config_source()
         cached = self._targets.get(name)
         if cached is not None and cached[0] is config:
-            return succeed(cached[1])
-        d = self._build_smarthost_targets(config, name)
+            return cached[1]
+        targets = await self._build_smarthost_targets(config, name)
+        if self.config_source() is config:  # not if a reload came in meanwhile
+            self._targets[name] = (config, targets)
+        return targets
 
-        def remember(targets: list[_Target]) -> list[_Target]:
-            if self.config_source() is config:  # not if a reload came in meanwhile
-                self._targets[name] = (config, targets)
-            return targets
-
-        return d.addCallback(remember)
-
-    @inlineCallbacks
-    def _build_smarthost_targets(self, config: Any, name: str,
-                                 ) -> Generator[Deferred[Any], Any, list[_Target]]:
+    async def _build_smarthost_targets(self, config: Any, name: str) -> list[_Target]:
         smarthost = config.smarthost(name)
-        trust_root = yield self._trust_root(smarthost.ca_file)
-        password = yield self._password(smarthost.password_file)
+        trust_root = await self._trust_root(smarthost.ca_file)
+        password = await self._password(smarthost.password_file)
         targets = []
         for hp in smarthost.hosts:
             policy = ClientPolicy(
@@ -257,11 +256,10 @@ class RelayCourier:
             targets.append(_Target(hp.host, hp.port, policy))
         return targets
 
-    @inlineCallbacks
-    def _mx_targets(self, domain: str) -> Generator[Deferred[Any], Any, list[_Target]]:
+    async def _mx_targets(self, domain: str) -> list[_Target]:
         config = self.config_source()
-        answer = yield self.resolver.mx_hosts(domain)
-        trust_root = yield self._trust_root(config.delivery.ca_file)
+        answer = await self.resolver.mx_hosts(domain)
+        trust_root = await self._trust_root(config.delivery.ca_file)
         targets = []
         for mx in answer.hosts:
             if mx.host == config.server.hostname:
@@ -286,17 +284,15 @@ class RelayCourier:
 
     # -- delivery ---------------------------------------------------------------
 
-    @inlineCallbacks
-    def _deliver(self, job: DeliveryJob,
-                 ) -> Generator[Deferred[Any], Any, list[DeliveryResult]]:
+    async def _deliver(self, job: DeliveryJob) -> list[DeliveryResult]:
         decision = job.decisions[0]
         count = len(job.decisions)
         try:
             if decision.action == "smarthost":
                 assert decision.smarthost is not None  # routing names the smarthost
-                targets = yield self._smarthost_targets(decision.smarthost)
+                targets = await self._smarthost_targets(decision.smarthost)
             else:
-                targets = yield self._mx_targets(decision.domain)
+                targets = await self._mx_targets(decision.domain)
         except DNSFailure as e:
             return [e.result] * count
         except (OSError, KeyError, ValueError) as e:
@@ -307,7 +303,7 @@ class RelayCourier:
         for target in usable or targets:
             key = f"{target.host}:{target.port}"
             try:
-                addresses = yield self.resolver.host_addresses(target.host)
+                addresses = await self.resolver.host_addresses(target.host)
             except DNSFailure as e:
                 last = transient("4.4.3", e.result.text)
                 continue
@@ -315,7 +311,7 @@ class RelayCourier:
                 if decision.action == "mx" and self._is_myself(ip, target.port):
                     return [permanent("5.4.6", f"mail for {decision.domain} loops back to "
                                                f"myself ({target.host}[{ip}])")] * count
-                outcome = yield self._try_host(target, ip, message(), count)
+                outcome = await self._try_host(target, ip, message(), count)
                 if isinstance(outcome, list):
                     self.health.succeeded(key)
                     return outcome
@@ -339,10 +335,9 @@ class RelayCourier:
 
         return make
 
-    @inlineCallbacks
-    def _try_host(self, target: _Target, ip: str, made: tuple[OutboundMessage, ContentReader],
-                  count: int,
-                  ) -> Generator[Deferred[Any], Any, list[DeliveryResult] | DeliveryResult]:
+    async def _try_host(self, target: _Target, ip: str,
+                        made: tuple[OutboundMessage, ContentReader],
+                        count: int) -> list[DeliveryResult] | DeliveryResult:
         """A list of per-recipient results once a transaction ran, or one
         transient result when this host could not be used (try the next)."""
         message, reader = made
@@ -352,14 +347,14 @@ class RelayCourier:
         try:
             if proto is None:
                 try:
-                    proto = yield connect(self.reactor, ip, target.port, target.policy, remote)
+                    proto = await connect(self.reactor, ip, target.port, target.policy, remote)
                 except SessionFailure as e:
                     log.info("delivery: {remote} unusable: {reply}", remote=remote,
                              reply=e.result.diagnostic)
                     return e.result
             self._active.add(proto)
             try:
-                results = yield proto.send(message)
+                results = await proto.send(message)
             except SessionFailure as e:
                 return [e.result] * count
             finally:

@@ -5,6 +5,10 @@ dialogue is a pair of coroutines (handshake, transaction) that await one reply a
 time, while dataReceived only splits bytes into replies. Every reply wait has its own
 timer (RFC 5321 4.5.3.2), and any failure of the connection reaches whatever the
 dialogue awaits at that moment as a SessionFailure carrying a transient result.
+
+Async style: the dialogue is coroutines. Callbacks appear only at the edges, where a
+coroutine's Deferred is handed to Twisted (connecting, the end of a session, QUIT),
+since Protocol methods cannot await.
 """
 
 from __future__ import annotations
