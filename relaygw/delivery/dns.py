@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import dns.exception
 import dns.name
@@ -79,6 +79,14 @@ def order_mx(records: Iterable[tuple[int, str]], rng: random.Random) -> tuple[MX
         rng.shuffle(group)
         hosts.extend(MXHost(preference, host) for host in group)
     return tuple(hosts)
+
+
+class DNSResolver(Protocol):
+    """What delivery asks of DNS (``Resolver``; a fake in tests)."""
+
+    def mx_hosts(self, domain: str) -> Deferred[MXAnswer]: ...
+
+    def host_addresses(self, host: str) -> Deferred[list[str]]: ...
 
 
 class Resolver:

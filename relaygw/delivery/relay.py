@@ -23,17 +23,19 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 
+from relaygw.config import Config
 from relaygw.delivery.courier import ContentReader, DeliveryJob
-from relaygw.delivery.dns import DNSFailure
+from relaygw.delivery.dns import DNSFailure, DNSResolver
 from relaygw.results import DeliveryResult, permanent, transient
 from relaygw.smtp.client import (
     ClientPolicy,
+    ClientReactor,
     OutboundMessage,
     SessionFailure,
     SMTPClientProtocol,
     connect,
 )
-from relaygw.smtp.transport import stream_transport
+from relaygw.smtp.transport import Clock, stream_transport
 
 log = Logger()
 
@@ -46,7 +48,7 @@ MAX_TRACKED_HOSTS = 10_000  # MX hosts come and go: forget the oldest healthy-en
 class HostHealth:
     """A circuit breaker per host: closed (use), open (skip), half-open (one trial)."""
 
-    def __init__(self, clock: Any, failures_to_open: int = FAILURES_TO_OPEN,
+    def __init__(self, clock: Clock, failures_to_open: int = FAILURES_TO_OPEN,
                  open_for: float = OPEN_FOR) -> None:
         self.clock = clock
         self.failures_to_open = failures_to_open
@@ -106,7 +108,7 @@ class ConnectionPool:
     the reactor than a new timer per message.
     """
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._idle: dict[tuple, list[SMTPClientProtocol]] = {}
         self._timers: dict[SMTPClientProtocol, Any] = {}
@@ -158,8 +160,11 @@ class ConnectionPool:
 
 
 class RelayCourier:
-    def __init__(self, reactor: Any, resolver: Any, config_source: Callable[[], Any],
-                 run: Callable[..., Deferred]) -> None:
+    """The courier of the ``smarthost`` and ``mx`` actions."""
+
+    def __init__(self, reactor: ClientReactor, resolver: DNSResolver,
+                 config_source: Callable[[], Config], run: Callable[..., Deferred[Any]],
+                 ) -> None:
         self.reactor = reactor
         self.resolver = resolver
         self.config_source = config_source
@@ -171,10 +176,10 @@ class RelayCourier:
         self._secrets: dict[Path, str] = {}
         self._trust: dict[Path, Any] = {}
         # Smarthost targets by name, for the Config object they were built from.
-        self._targets: dict[str, tuple[Any, list[_Target]]] = {}
+        self._targets: dict[str, tuple[Config, list[_Target]]] = {}
         self._active: set[SMTPClientProtocol] = set()
 
-    def reconfigured(self, resolver: Any) -> None:
+    def reconfigured(self, resolver: DNSResolver) -> None:
         """A reload: new DNS settings; credentials and CA files are read again."""
         self.resolver = resolver
         self._secrets.clear()
@@ -243,7 +248,7 @@ class RelayCourier:
             self._targets[name] = (config, targets)
         return targets
 
-    async def _build_smarthost_targets(self, config: Any, name: str) -> list[_Target]:
+    async def _build_smarthost_targets(self, config: Config, name: str) -> list[_Target]:
         smarthost = config.smarthost(name)
         trust_root = await self._trust_root(smarthost.ca_file)
         password = await self._password(smarthost.password_file)

@@ -16,14 +16,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import ip_address
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaygw.address import xtext_decode
+from relaygw.config import Config
 from relaygw.delivery.bounce import FailedRecipient, build_dsn, should_bounce
 from relaygw.delivery.courier import Courier, DeliveryJob
 from relaygw.envelope import Envelope, EnvelopeRecipient
@@ -36,6 +38,15 @@ from relaygw.routing import RouteContext, RouteDecision, route_recipient
 
 log = Logger()
 maillog = Logger(namespace="relaygw.maillog")
+
+
+class DeliveryMetrics(Protocol):
+    """What the queue counts; relaygw.observe implements it."""
+
+    def delivery(self, route: str, status: str, enhanced: str | None,
+                 seconds: float) -> None: ...
+
+    def tls_outbound(self, version: str | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -67,11 +78,11 @@ class _Entry:
 class QueueManager(service.Service):
     name = "queue"
 
-    def __init__(self, spool: Spool, config_source: Callable[[], Any],
-                 couriers: Mapping[str, Courier], clock: Any,
+    def __init__(self, spool: Spool, config_source: Callable[[], Config],
+                 couriers: Mapping[str, Courier], clock: IReactorTime,
                  rng: random.Random | None = None, grace: float = 30.0,
                  on_grace_over: Callable[[], None] | None = None,
-                 metrics: Any = NO_METRICS) -> None:
+                 metrics: DeliveryMetrics = NO_METRICS) -> None:
         self.spool = spool
         self.config_source = config_source  # the current Config (reload swaps it)
         self.couriers = dict(couriers)
@@ -131,7 +142,7 @@ class QueueManager(service.Service):
         """(attempts in flight, attempts finished since start): for flow control."""
         return len(self._in_flight), self.attempts_finished
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         self._stopping = True
         if self._timer is not None and self._timer.active():
@@ -141,8 +152,12 @@ class QueueManager(service.Service):
         if not self._in_flight:
             return succeed(None)
         timer = self.clock.callLater(self.grace, self._grace_over)
-        d = DeferredList(list(self._in_flight), consumeErrors=True)
-        return d.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return DeferredList(list(self._in_flight), consumeErrors=True).addBoth(finished)
 
     def _grace_over(self) -> None:
         log.info("shutdown: aborting {n} deliveries still running", n=len(self._in_flight))

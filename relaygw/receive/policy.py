@@ -1,19 +1,28 @@
-"""The inbound policy the SMTP protocol consults: relaying and storage checks.
+"""The inbound policy the SMTP protocol consults at MAIL and RCPT: relaying,
+routability and storage checks.
 
-Built from the configuration by tap.py; the decisions themselves are the pure
-functions of relaygw.receive.relay.
+Built by the wiring (relaygw.daemon.wiring); the relay decision itself is the
+pure function of relaygw.receive.relay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 from relaygw.address import MailArgs, RcptArgs
+from relaygw.config import Config
 from relaygw.receive.relay import ClientInfo, relay_decision
 from relaygw.routing import RouteContext, expand_aliases, route_recipient
 from relaygw.smtp.replies import INSUFFICIENT_STORAGE, Reply
 from relaygw.smtp.server import Session
+
+
+class FreeSpace(Protocol):
+    """The spool, as far as MAIL asks it: the free space it last measured."""
+
+    @property
+    def free_bytes(self) -> int | None: ...
 
 
 class ConfiguredPolicy:
@@ -23,7 +32,7 @@ class ConfiguredPolicy:
     next command of every session.
     """
 
-    def __init__(self, config_source: Callable[[], Any], spool: Any) -> None:
+    def __init__(self, config_source: Callable[[], Config], spool: FreeSpace) -> None:
         self.config_source = config_source
         self.spool = spool
 

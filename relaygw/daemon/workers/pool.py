@@ -253,7 +253,8 @@ class WorkerPool(service.Service):
 
     def __init__(self, reactor: Any, count: int, addresses: frozenset[str],
                  counter: ConnectionCounter,
-                 on_queued: Callable[[StoredMessage], None], metrics: Any = None,
+                 on_queued: Callable[[StoredMessage], None],
+                 metrics: NullMetrics | None = None,
                  grace: float = 30.0, command: list[str] | None = None,
                  log_format: str | None = None,
                  on_worker_died: Callable[[], None] | None = None,
