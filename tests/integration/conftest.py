@@ -40,6 +40,11 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20.0,
                     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
                     s = ctx.wrap_socket(s)  # noqa: PLW2901
                 if s.recv(64).startswith(b"220 "):
+                    # End the probe session and wait for relaygw to close it, so its
+                    # connection slot is free again before the test's first client.
+                    s.sendall(b"QUIT\r\n")
+                    while s.recv(4096):
+                        pass
                     return
         except OSError:
             pass

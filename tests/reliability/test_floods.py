@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import urllib.request
 
 import pytest
 
+from tests.integration.conftest import free_port
 from tests.reliability.conftest import message, spool_files, start
 from tests.support.waiting import wait_until
 
@@ -24,8 +26,24 @@ def greeting(sock: socket.socket) -> bytes:
     return data
 
 
+def _connections_open(metrics_port: int) -> float | None:
+    """relaygw_connections_open summed over listeners, from /metrics."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=5) as page:
+            text = page.read().decode()
+    except OSError:
+        return None
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("relaygw_connections_open{"))
+
+
 def test_flood_from_one_address_does_not_lock_out_another(daemon):
-    start(daemon, server="max_connections_per_client = 5\n")
+    metrics_port = free_port()
+    start(daemon, f'[metrics]\naddress = "127.0.0.1:{metrics_port}"\n',
+          server="max_connections_per_client = 5\n")
+    # The start-up probe's slot is released (in worker mode, once its worker reports).
+    wait_until(lambda: _connections_open(metrics_port) == 0, what="no connection open")
     socks = []
     try:
         replies = []
