@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-__all__ = ["FailedRecipient", "build_dsn", "should_bounce"]
+__all__ = ["RETURN_FULL_LIMIT", "FailedRecipient", "build_dsn", "should_bounce"]
 
 ACTIONS = ("failed", "delayed", "delivered", "relayed")  # RFC 3464 §2.3.3, "expanded" aside
 # The status class each action may carry (RFC 3464 §2.3.4); "failed" is also 4.x.x when the
@@ -39,6 +39,9 @@ TRUNCATE_AT = 900  # an unfoldable line longer than MAX_LINE is cut here and end
 FOLD_AT = 78  # preferred line length (RFC 5322 §2.1.1 SHOULD)
 TEXT_WIDTH = 76  # wrap width of the human-readable part
 CRLF = "\r\n"
+# RET=FULL returns at most this much message (10 MiB): a larger one is returned as its header,
+# and the DSN says so. The DSN is built in memory, and a sender's mailbox may refuse more.
+RETURN_FULL_LIMIT = 10 * 1024 * 1024
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 # RFC 2046 bcharsnospace. Boundaries here never contain a space (RFC 2046 allows inner ones), so
