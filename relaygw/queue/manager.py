@@ -463,6 +463,7 @@ class QueueManager(service.Service):
         return reports, silent
 
     def _report_after(self, _: object, entry: _Entry, kind: str, indexes: list[int]) -> Deferred:
+        """``_report`` as a callback: after the report before it is committed."""
         return self._report(entry, kind, indexes)
 
     def _report(self, entry: _Entry, kind: str, indexes: list[int]) -> Deferred:

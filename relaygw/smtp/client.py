@@ -757,10 +757,11 @@ class SMTPClientProtocol(Protocol):
             status = (DELIVERED if _ok(reply) else
                       PERMANENT if reply.code // 100 == 5 else TRANSIENT)
         enhanced = enhanced or _CLASS[status] + (reply.enhanced or "4.0.0")[1:]
-        # A peer that offers DSN got the parameters (see _envelope_lines) and reports on
-        # from here; one without leaves the sender's success notice to us.
-        handoff = PASSED_ON if status == DELIVERED and "DSN" in self.extensions else (
-            RELAYED if status == DELIVERED else FINAL)
+        handoff = FINAL
+        if status == DELIVERED:
+            # A peer that offers DSN got the parameters (see _envelope_lines) and reports
+            # from here on; one without leaves the sender's success notice to us.
+            handoff = PASSED_ON if "DSN" in self.extensions else RELAYED
         return DeliveryResult(status, enhanced, text or _one_line(reply), reply.code,
                               self.remote, self.tls_version, handoff)
 
