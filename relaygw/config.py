@@ -180,6 +180,7 @@ class DeliveryTimeouts:
 class DeliveryConfig:
     retry_intervals: tuple[int, ...] = (300, 900, 1800, 3600)
     max_queue_time: int = 432000
+    delay_warning_time: int = 14400  # seconds; 0: no delay warnings (RFC 3461 NOTIFY=DELAY)
     max_connections: int = 100
     max_connections_per_destination: int = 10
     mx_port: int = 25
@@ -639,9 +640,16 @@ def _delivery(r: _Reader, t: dict[str, Any]) -> DeliveryConfig:
         return r.integer(t, key, "delivery", getattr(defaults, key), 1, maximum)
 
     r.keys(timeouts, "delivery.timeouts", tuple(f.name for f in fields(DeliveryTimeouts)))
+    max_queue_time = integer("max_queue_time")
+    delay_warning_time = r.integer(t, "delay_warning_time", "delivery",
+                                   defaults.delay_warning_time, 0)
+    if "delay_warning_time" in t and delay_warning_time and delay_warning_time >= max_queue_time:
+        r.warn("delivery.delay_warning_time",
+               f"never reached: not below delivery.max_queue_time ({max_queue_time})")
     return DeliveryConfig(
         retry_intervals=tuple(intervals),
-        max_queue_time=integer("max_queue_time"),
+        max_queue_time=max_queue_time,
+        delay_warning_time=delay_warning_time,
         max_connections=integer("max_connections"),
         max_connections_per_destination=integer("max_connections_per_destination"),
         mx_port=integer("mx_port", 65535),

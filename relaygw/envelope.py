@@ -17,6 +17,16 @@ class EnvelopeRecipient:
     address: str
     params: dict[str, str | None] = field(default_factory=dict)  # NOTIFY, ORCPT
 
+    def notify_on(self, event: str) -> bool:
+        """Whether the sender asked for a DSN on ``event`` (``"SUCCESS"``, ``"FAILURE"`` or
+        ``"DELAY"``) for this recipient. Without NOTIFY: failures and delays, as RFC 3461
+        §4.1 lets an MTA choose (delays only where the queue sends delay warnings at all);
+        ``NEVER``: nothing."""
+        notify = self.params.get("NOTIFY")
+        if notify is None:
+            return event in ("FAILURE", "DELAY")
+        return event in notify.upper().split(",")
+
 
 @dataclass(frozen=True)
 class Envelope:
@@ -31,6 +41,11 @@ class Envelope:
     auth_user: str | None = None
     params: dict[str, str | None] = field(default_factory=dict)  # BODY, SMTPUTF8, RET, ENVID
     smtputf8: bool = False
+
+    @property
+    def return_full(self) -> bool:
+        """RET=FULL: a failure DSN returns the whole message, not only its header."""
+        return (self.params.get("RET") or "").upper() == "FULL"
 
     def to_json(self) -> bytes:
         # What asdict() gives, built directly: asdict deep-copies every value

@@ -746,6 +746,27 @@ ca_file = "/nonexistent/ca.pem"
     ]
 
 
+def test_delay_warning_time_default_range_and_errors() -> None:
+    assert parse(LISTENER).delivery.delay_warning_time == 14400
+    assert parse(LISTENER + "[delivery]\ndelay_warning_time = 0\n").delivery.delay_warning_time == 0
+    config = parse(LISTENER + "[delivery]\ndelay_warning_time = 3600\n")
+    assert config.delivery.delay_warning_time == 3600 and config.warnings == ()
+    assert problems(LISTENER + "[delivery]\ndelay_warning_time = -1\n") == [
+        "delivery.delay_warning_time: must be >= 0 (got -1)"]
+    assert problems(LISTENER + '[delivery]\ndelay_warning_time = "4h"\n') == [
+        'delivery.delay_warning_time: must be an integer (got "4h")']
+    assert problems(LISTENER + "[delivery]\ndelay_warning_time = 1.5\n") == [
+        "delivery.delay_warning_time: must be an integer (got 1.5)"]
+
+
+def test_delay_warning_time_not_below_max_queue_time_is_a_warning() -> None:
+    config = parse(LISTENER + "[delivery]\nmax_queue_time = 3600\ndelay_warning_time = 3600\n")
+    assert config.warnings == (
+        "delivery.delay_warning_time: never reached: not below delivery.max_queue_time (3600)",)
+    # The default is not a setting of the administrator's: no warning for it.
+    assert parse(LISTENER + "[delivery]\nmax_queue_time = 3600\n").warnings == ()
+
+
 # -- routes ----------------------------------------------------------------------------------
 
 def test_route_match_keys() -> None:

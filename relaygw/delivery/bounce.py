@@ -1,8 +1,8 @@
-"""RFC 3464 delivery status notifications: the bounce and the delay notice.
+"""RFC 3464 delivery status notifications: the bounce, the delay warning and the success notice.
 
 Pure functions, no Twisted and no file I/O: ``build_dsn`` returns the DSN as bytes, ready for the
-spool; the header section of the failed message to attach to it comes from the message's content
-(``MessageContent.headers()``, read by the spool).
+spool; the header section (or, for RET=FULL, the whole message) to attach to it comes from the
+message's content, read by the spool in its threads.
 
 The bytes are generated here, not by the ``email`` package, so that the output is deterministic and
 byte-exact: CRLF line ends only, every line at most 998 octets (RFC 5322 §2.1.1), fields folded at
@@ -27,14 +27,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-__all__ = ["FailedRecipient", "build_dsn", "should_bounce"]
+__all__ = ["RETURN_FULL_LIMIT", "FailedRecipient", "build_dsn", "should_bounce"]
 
-ACTIONS = ("failed", "delayed")
+ACTIONS = ("failed", "delayed", "delivered", "relayed")  # RFC 3464 §2.3.3, "expanded" aside
+# The status class each action may carry (RFC 3464 §2.3.4); "failed" is also 4.x.x when the
+# queue gave up on a temporary failure (4.4.7).
+_CLASSES = {"failed": "45", "delayed": "4", "delivered": "2", "relayed": "2"}
+_GENERIC_STATUS = {"failed": "5.0.0", "delayed": "4.0.0", "delivered": "2.0.0", "relayed": "2.0.0"}
 MAX_LINE = 998  # octets before CRLF (RFC 5322 §2.1.1)
 TRUNCATE_AT = 900  # an unfoldable line longer than MAX_LINE is cut here and ends in "..."
 FOLD_AT = 78  # preferred line length (RFC 5322 §2.1.1 SHOULD)
 TEXT_WIDTH = 76  # wrap width of the human-readable part
 CRLF = "\r\n"
+# RET=FULL returns at most this much message (10 MiB): a larger one is returned as its header,
+# and the DSN says so. The DSN is built in memory, and a sender's mailbox may refuse more.
+RETURN_FULL_LIMIT = 10 * 1024 * 1024
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 # RFC 2046 bcharsnospace. Boundaries here never contain a space (RFC 2046 allows inner ones), so
@@ -49,12 +56,16 @@ _NEWLINE_LIKE = re.compile(r"[\r\n\x00\t]")
 
 @dataclass(frozen=True)
 class FailedRecipient:
+    """One recipient a DSN reports on (whatever its action: the name is historical)."""
+
     address: str
     status: str  # RFC 3463 code, e.g. "5.1.1"; "4.4.7" when the queue gave up on a 4xx
     diagnostic: str | None  # the peer's reply, e.g. "550 5.1.1 No such user"
-    remote_mta: str | None  # the host that refused, e.g. "mx.example.net"
-    action: str = "failed"  # "failed" or "delayed"
+    remote_mta: str | None  # the host that answered, e.g. "mx.example.net"
+    action: str = "failed"  # "failed", "delayed", "delivered" or "relayed"
     original_recipient: str | None = None  # the ORCPT address, already xtext-decoded
+    last_attempt: float | None = None  # Unix time, shown as Last-Attempt-Date
+    will_retry_until: float | None = None  # "delayed": when the queue gives up (Unix time)
 
 
 def should_bounce(sender: str) -> bool:
@@ -69,14 +80,19 @@ def should_bounce(sender: str) -> bool:
 
 def build_dsn(*, reporting_mta: str, envelope_id: str | None, queue_id: str, sender: str,
               arrival: float, recipients: Sequence[FailedRecipient], original_headers: bytes,
-              now: float, message_id_domain: str, boundary: str | None = None) -> bytes:
+              now: float, message_id_domain: str, boundary: str | None = None,
+              returned_message: bytes | None = None, too_big_to_return: int | None = None,
+              ) -> bytes:
     """The complete DSN message (header and body) to send from ``<>`` to ``sender``.
 
     ``envelope_id`` is the ENVID as RFC 3461 §6.3 wants it shown: xtext-decoded. The result
     depends only on the arguments; with no ``boundary`` one is derived from ``queue_id``, ``now``
     and ``reporting_mta`` (and changed deterministically in the unlikely case that the content
-    contains it). ``original_headers`` is attached as ``text/rfc822-headers``, never the body.
-    Raises ``ValueError`` for no recipients, an unknown action or an invalid ``boundary``.
+    contains it). The third part is ``returned_message`` as ``message/rfc822``, byte for byte
+    (RET=FULL), or else ``original_headers`` as ``text/rfc822-headers``, never the body; with
+    ``too_big_to_return`` (a size in bytes) the human part says that the message was too big to
+    return whole. Raises ``ValueError`` for no recipients, an unknown action or an invalid
+    ``boundary``.
     """
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
@@ -87,19 +103,25 @@ def build_dsn(*, reporting_mta: str, envelope_id: str | None, queue_id: str, sen
         raise ValueError(f"invalid MIME boundary {boundary!r}")
 
     mta = _token(reporting_mta)
-    delayed_only = all(r.action == "delayed" for r in recipients)
-    text_part = _human_part(mta, recipients, delayed_only)
+    kind = _kind(recipients)
+    returned = "message" if returned_message is not None else (
+        "too big" if too_big_to_return is not None else "headers")
+    text_part = _human_part(mta, recipients, kind, returned, too_big_to_return)
     status_part = _status_part(mta, envelope_id, queue_id, arrival, recipients)
-    headers_part, headers_8bit = _headers_part(original_headers)
-    parts = (text_part, status_part, headers_part)
+    if returned_message is not None:
+        third_type = b"message/rfc822"
+        third_part, third_8bit = _message_part(returned_message)
+    else:
+        third_type = b"text/rfc822-headers"
+        third_part, third_8bit = _headers_part(original_headers)
+    parts = (text_part, status_part, third_part)
 
     if boundary is None:
         boundary = _default_boundary(f"{queue_id}.{int(now)}/{reporting_mta}", parts)
     elif _collides(boundary, parts):
         raise ValueError(f"MIME boundary {boundary!r} occurs in the content")
 
-    subject = ("Delayed Mail (still being retried)" if delayed_only
-               else "Undelivered Mail Returned to Sender")
+    subject = _SUBJECTS[kind]
     header = _fields([
         ("From", f"Mail Delivery System <MAILER-DAEMON@{mta}>"),
         ("To", f"<{_one_line(sender)}>"),
@@ -123,33 +145,77 @@ def build_dsn(*, reporting_mta: str, envelope_id: str | None, queue_id: str, sen
         b"Content-Type: message/delivery-status\r\n", b"\r\n",
         status_part, b"\r\n",
         delimiter, b"\r\n",
-        b"Content-Type: text/rfc822-headers\r\n",
-        b"Content-Transfer-Encoding: 8bit\r\n" if headers_8bit else b"", b"\r\n",
-        headers_part, b"\r\n",
+        b"Content-Type: ", third_type, b"\r\n",
+        b"Content-Transfer-Encoding: 8bit\r\n" if third_8bit else b"", b"\r\n",
+        third_part, b"\r\n",
         delimiter, b"--\r\n",
     ]
     return b"".join(out)
 
 
+_SUBJECTS = {
+    "failure": "Undelivered Mail Returned to Sender",
+    "delay": "Delayed Mail (still being retried)",
+    "success": "Successful Mail Delivery Report",
+    "mixed": "Delivery Status Notification",
+}
+
+
+def _kind(recipients: Sequence[FailedRecipient]) -> str:
+    """What the report is about, for its subject and introduction: any failure makes it a
+    failure report."""
+    actions = {r.action for r in recipients}
+    if "failed" in actions:
+        return "failure"
+    if actions == {"delayed"}:
+        return "delay"
+    if actions <= {"delivered", "relayed"}:
+        return "success"
+    return "mixed"
+
+
 # -- the three parts -------------------------------------------------------------------------------
 
 
-def _human_part(mta: str, recipients: Sequence[FailedRecipient], delayed_only: bool) -> bytes:
-    if delayed_only:
+_VERDICTS = {
+    "failed": "delivery failed",
+    "delayed": "delivery delayed, still trying",
+    "delivered": "delivered to the mailbox",
+    "relayed": "relayed to a system that does not report delivery",
+}
+
+
+def _human_part(mta: str, recipients: Sequence[FailedRecipient], kind: str, returned: str,
+                too_big: int | None) -> bytes:
+    if kind == "delay":
         intro = ("Your message has not been delivered yet to the recipients listed below. The "
                  "mail system will keep trying; you do not need to send it again.")
-    else:
+    elif kind == "success":
+        intro = ("Your message was delivered to the recipients listed below. Where it was "
+                 "relayed to a system that does not report delivery, you may still receive "
+                 "notices of delivery errors from other systems.")
+    elif kind == "failure":
+        attached = {"message": "your message is attached",
+                    "headers": "the header of your message is attached",
+                    "too big": f"your message is larger than {too_big} bytes, so only its header "
+                               "is attached"}[returned]
         intro = ("Your message could not be delivered to one or more recipients. The reasons "
-                 "are listed below, and the header of your message is attached.")
+                 f"are listed below, and {attached}.")
+    else:
+        intro = "This is a report on the delivery of your message to the recipients below."
     lines = textwrap.wrap(f"This is the mail system at host {mta}.", TEXT_WIDTH)
     lines += [""] + textwrap.wrap(intro, TEXT_WIDTH)
     for rcpt in recipients:
-        delayed = rcpt.action == "delayed"
-        verdict = "delivery delayed, still trying" if delayed else "delivery failed"
-        reason = _text(rcpt.diagnostic) if rcpt.diagnostic else f"status {_status(rcpt)}"
+        verdict = _VERDICTS[rcpt.action]
+        if rcpt.diagnostic:
+            reason = _text(rcpt.diagnostic)
+        elif rcpt.action in ("failed", "delayed") or rcpt.remote_mta:
+            reason = f"status {_status(rcpt)}"
+        else:
+            reason = ""
         if rcpt.remote_mta:
             reason = f"host {_text(rcpt.remote_mta)} said: {reason}"
-        line = f"<{_text(rcpt.address)}>: {verdict}: {reason}"
+        line = f"<{_text(rcpt.address)}>: {verdict}" + (f": {reason}" if reason else "")
         lines.append("")
         lines += textwrap.wrap(line, TEXT_WIDTH, subsequent_indent="    ",
                                break_on_hyphens=False)
@@ -183,6 +249,10 @@ def _status_part(mta: str, envelope_id: str | None, queue_id: str, arrival: floa
             # "smtp" names an SMTP reply (RFC 3464 2.3.6); our own diagnostics say so.
             kind = "smtp" if re.match(r"[245]\d\d[ -]", rcpt.diagnostic) else "x-relaygw"
             fields.append(("Diagnostic-Code", f"{kind}; {_ascii(rcpt.diagnostic)}"))
+        if rcpt.last_attempt is not None:
+            fields.append(("Last-Attempt-Date", _date(rcpt.last_attempt)))
+        if rcpt.will_retry_until is not None:
+            fields.append(("Will-Retry-Until", _date(rcpt.will_retry_until)))
         groups.append(_fields(fields))
     return b"\r\n".join(groups)  # a blank line before each recipient's group
 
@@ -198,6 +268,15 @@ def _headers_part(original: bytes) -> tuple[bytes, bool]:
     lines = [_truncate_bytes(line) for line in lines]
     body = b"".join(line + b"\r\n" for line in lines)
     return body, not body.isascii()
+
+
+def _message_part(message: bytes) -> tuple[bytes, bool]:
+    """The returned message (RET=FULL), byte for byte: it was stored with CRLF line ends and
+    lines within 1000 octets. Only a missing final line end is added, so that the delimiter
+    that follows starts a line of its own."""
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message, not message.isascii()
 
 
 # -- fields and lines ------------------------------------------------------------------------------
@@ -259,9 +338,9 @@ def _token(value: str) -> str:
 
 
 def _status(rcpt: FailedRecipient) -> str:
-    if _STATUS.fullmatch(rcpt.status):
+    if _STATUS.fullmatch(rcpt.status) and rcpt.status[0] in _CLASSES[rcpt.action]:
         return rcpt.status
-    return "4.0.0" if rcpt.action == "delayed" else "5.0.0"
+    return _GENERIC_STATUS[rcpt.action]
 
 
 def _address(address: str) -> str:

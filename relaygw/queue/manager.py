@@ -1,10 +1,12 @@
 """The queue manager: routes each pending recipient at every attempt, hands
-groups to couriers, records per-recipient outcomes, retries, expires, bounces.
+groups to couriers, records per-recipient outcomes, retries, expires, and sends
+the DSNs (RFC 3461) each recipient's NOTIFY asks for: failed, delayed (once,
+after ``[delivery] delay_warning_time``), delivered or relayed.
 
 Order of effects after an attempt, so a crash never loses or repeats more
-than it must: (1) the new recipient state is saved; (2) a DSN for newly
-failed recipients is committed to the spool; (3) the state is saved again with
-those recipients marked notified; (4) a finished message is removed.
+than it must: (1) the new recipient state is saved; (2) each DSN due is
+committed to the spool; (3) the state is saved again with those recipients
+marked notified (or delay-warned); (4) a finished message is removed.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from twisted.python.failure import Failure
 
 from relaygw.address import xtext_decode
 from relaygw.config import Config
-from relaygw.delivery.bounce import FailedRecipient, build_dsn, should_bounce
+from relaygw.delivery.bounce import RETURN_FULL_LIMIT, FailedRecipient, build_dsn, should_bounce
 from relaygw.delivery.courier import Courier, DeliveryJob
 from relaygw.envelope import Envelope, EnvelopeRecipient
 from relaygw.observe.null import NO_METRICS
 from relaygw.queue.state import DELIVERED as STATE_DELIVERED
 from relaygw.queue.state import FAILED, QueueState, RecipientState
 from relaygw.queue.store import Spool, StoredMessage, new_queue_id
-from relaygw.results import DELIVERED, PERMANENT, DeliveryResult, transient
+from relaygw.results import DELIVERED, PASSED_ON, PERMANENT, RELAYED, DeliveryResult, transient
 from relaygw.routing import RouteContext, RouteDecision, route_recipient
 
 log = Logger()
@@ -105,7 +107,7 @@ class QueueManager(service.Service):
         for stored in messages:
             entry = _Entry(stored, stored.state)
             self.entries[entry.queue_id] = entry
-            if any(r.needs_bounce for r in entry.state.recipients):
+            if any(r.needs_dsn for r in entry.state.recipients):
                 self._finish(entry)
             else:
                 self._schedule(entry)
@@ -266,7 +268,8 @@ class QueueManager(service.Service):
         state = entry.state
         for index, decision, result in zip(indexes, decisions, results, strict=True):
             old = state.recipients[index]
-            new = self._next_state(old, result, envelope, config, now)
+            new = self._next_state(old, result, envelope, _recipient(envelope, index), config,
+                                   now)
             state = state.with_recipient(index, new)
             self._log_attempt(entry, decision, result, new, now, started)
         entry.state = state
@@ -275,17 +278,21 @@ class QueueManager(service.Service):
         return self._persist(entry)
 
     def _next_state(self, old: RecipientState, result: DeliveryResult, envelope: Envelope,
-                    config: Any, now: float) -> RecipientState:
+                    rcpt: EnvelopeRecipient, config: Any, now: float) -> RecipientState:
         common: dict[str, Any] = dict(
             attempts=old.attempts + 1, last_attempt=now, last_reply=result.diagnostic,
             enhanced=result.enhanced, remote_host=result.remote)
+        # ``notified`` starts true where no DSN is due, so that such a message is done at once.
         if result.status == DELIVERED:
-            return replace(old, status=STATE_DELIVERED, **common)
+            # A next hop that took the DSN parameters reports success itself.
+            due = result.handoff != PASSED_ON and _dsn_due(envelope, rcpt, "SUCCESS")
+            return replace(old, status=STATE_DELIVERED, relayed=result.handoff == RELAYED,
+                           notified=not due, **common)
+        failure_due = _dsn_due(envelope, rcpt, "FAILURE")
         if result.status == PERMANENT:
-            return replace(old, status=FAILED, notified=not should_bounce(envelope.sender),
-                           **common)
+            return replace(old, status=FAILED, notified=not failure_due, **common)
         if now - envelope.arrived >= config.delivery.max_queue_time:
-            return replace(old, status=FAILED, notified=not should_bounce(envelope.sender),
+            return replace(old, status=FAILED, notified=not failure_due,
                            **{**common, "enhanced": "4.4.7",
                               "last_reply": f"{result.diagnostic} (delivery time expired)"})
         intervals = config.delivery.retry_intervals
@@ -404,7 +411,8 @@ class QueueManager(service.Service):
                     state = state.with_recipient(i, replace(
                         r, status=FAILED, enhanced="5.0.0", last_attempt=now,
                         last_reply="5.0.0 returned to sender by the mail administrator",
-                        notified=not should_bounce(entry.stored.envelope.sender)))
+                        notified=not _dsn_due(entry.stored.envelope,
+                                              _recipient(entry.stored.envelope, i), "FAILURE")))
             entry.state = state
             if not entry.busy:  # one in flight is finished when its attempt ends
                 self._persist(entry)
@@ -422,8 +430,20 @@ class QueueManager(service.Service):
     # -- bounces and completion -------------------------------------------------
 
     def _finish(self, entry: _Entry) -> Deferred:
-        failed = [i for i, r in enumerate(entry.state.recipients) if r.needs_bounce]
-        d = self._bounce(entry, failed) if failed else succeed(None)
+        reports, silent = self._dsns_due(entry)
+        if silent:
+            # Final recipients that want no DSN but are not marked (a state written before
+            # success notices existed): nothing to send, nothing to lose if the mark is lost.
+            state = entry.state
+            for i in silent:
+                state = state.with_recipient(i, replace(state.recipients[i], notified=True))
+            entry.state = state
+        d: Deferred = succeed(None)
+        for kind in ("failure", "delay", "success"):  # one DSN each, committed in turn
+            if reports.get(kind):
+                d.addCallback(self._report_after, entry, kind, reports[kind])
+        if silent and not reports and not entry.state.is_complete:
+            d.addCallback(lambda _: self._persist(entry))
         d.addCallback(lambda _: self._complete_or_reschedule(entry))
         d.addErrback(lambda f: log.failure("queue: finishing {queue_id} failed", f,
                                            queue_id=entry.queue_id))
@@ -435,31 +455,66 @@ class QueueManager(service.Service):
         self._schedule(entry)
         return None
 
-    def _bounce(self, entry: _Entry, indexes: list[int]) -> Deferred:
+    def _dsns_due(self, entry: _Entry) -> tuple[dict[str, list[int]], list[int]]:
+        """The recipients each DSN due now reports on ("failure", "delay", "success"), and
+        the final ones that are not marked notified although no DSN is due for them."""
+        envelope = entry.stored.envelope
+        warn_after = self.config_source().delivery.delay_warning_time
+        late = bool(warn_after) and self._now() - envelope.arrived >= warn_after
+        reports: dict[str, list[int]] = {}
+        silent = []
+        for i, r in enumerate(entry.state.recipients):
+            rcpt = _recipient(envelope, i)
+            if r.needs_dsn:
+                kind, event = ("failure", "FAILURE") if r.status == FAILED else (
+                    "success", "SUCCESS")
+                if _dsn_due(envelope, rcpt, event):
+                    reports.setdefault(kind, []).append(i)
+                else:
+                    silent.append(i)
+            elif (late and r.status == "pending" and r.attempts and not r.delay_warned
+                  and _dsn_due(envelope, rcpt, "DELAY")):
+                reports.setdefault("delay", []).append(i)
+        return reports, silent
+
+    def _report_after(self, _: object, entry: _Entry, kind: str, indexes: list[int]) -> Deferred:
+        """``_report`` as a callback: after the report before it is committed."""
+        return self._report(entry, kind, indexes)
+
+    def _report(self, entry: _Entry, kind: str, indexes: list[int]) -> Deferred:
+        """Commit one DSN about ``indexes`` to the spool, then mark them and save."""
         config = self.config_source()
         envelope = entry.stored.envelope
         hostname = config.server.hostname
-        failed = []
-        for i in indexes:
-            r = entry.state.recipients[i]
-            params = envelope.recipients[i].params if i < len(envelope.recipients) else {}
-            orcpt = params.get("ORCPT")
-            failed.append(FailedRecipient(
-                address=r.address, status=r.enhanced or "5.0.0", diagnostic=r.last_reply,
-                remote_mta=(r.remote_host or "").split("[")[0] or None,
-                original_recipient=xtext_decode(orcpt.split(";", 1)[1])
-                if orcpt and ";" in orcpt else None))
+        rcpts = [self._dsn_recipient(entry, i, kind, config) for i in indexes]
+        content = self.spool.content(entry.stored)
+        # RFC 3461 §4.3: RET=FULL returns the message in a failure DSN only. A message
+        # over RETURN_FULL_LIMIT is returned as its header (and the DSN says so): the main
+        # process holds the DSN in memory while it builds it.
+        full = kind == "failure" and envelope.return_full
+        too_big = full and content.size > RETURN_FULL_LIMIT
+        returned: Deferred[bytes | None]
+        if full and not too_big:
+            returned = self.spool.run(content.read_all)
+            headers: Deferred[bytes] = succeed(b"")
+        else:
+            returned = succeed(None)
+            headers = content.headers()
 
-        def build(headers: bytes) -> Deferred:
+        def build(message: bytes | None) -> Deferred:
+            return headers.addCallback(commit, message)
+
+        def commit(header_section: bytes, message: bytes | None) -> Deferred:
             now = self._now()
-            dsn_id = new_queue_id()
             envid = envelope.params.get("ENVID")
             dsn = build_dsn(reporting_mta=hostname,
                             envelope_id=xtext_decode(envid) if envid else None,
                             queue_id=envelope.queue_id, sender=envelope.sender,
-                            arrival=envelope.arrived, recipients=failed,
-                            original_headers=headers, now=now, message_id_domain=hostname)
-            bounce = Envelope(queue_id=dsn_id, sender="",
+                            arrival=envelope.arrived, recipients=rcpts,
+                            original_headers=header_section, now=now,
+                            message_id_domain=hostname, returned_message=message,
+                            too_big_to_return=RETURN_FULL_LIMIT if too_big else None)
+            bounce = Envelope(queue_id=new_queue_id(), sender="",
                               recipients=(EnvelopeRecipient(envelope.sender),), arrived=now,
                               helo=hostname, params={"BODY": "8BITMIME"})
             writer = self.spool.new_message(bounce)
@@ -467,25 +522,72 @@ class QueueManager(service.Service):
             return writer.commit().addCallback(lambda _: writer.stored)
 
         def queued(stored: StoredMessage) -> Deferred:
-            bounce = stored.envelope
-            maillog.info("bounced id={queue_id} dsn={dsn_id} to=<{sender}> rcpts={rcpts}",
-                         queue_id=envelope.queue_id, dsn_id=bounce.queue_id,
-                         sender=envelope.sender, rcpts=",".join(f.address for f in failed),
-                         event="bounced")
+            dsn_id = stored.envelope.queue_id
+            addresses = ",".join(f.address for f in rcpts)
+            if kind == "failure":
+                maillog.info("bounced id={queue_id} dsn={dsn_id} to=<{sender}> rcpts={rcpts}",
+                             queue_id=envelope.queue_id, dsn_id=dsn_id,
+                             sender=envelope.sender, rcpts=addresses, event="bounced")
+            else:
+                maillog.info("notified id={queue_id} dsn={dsn_id} action={action} "
+                             "to=<{sender}> rcpts={rcpts}",
+                             queue_id=envelope.queue_id, dsn_id=dsn_id,
+                             action=",".join(sorted({f.action for f in rcpts})),
+                             sender=envelope.sender, rcpts=addresses, event="notified")
             state = entry.state
             for i in indexes:
-                state = state.with_recipient(i, replace(state.recipients[i], notified=True))
+                r = state.recipients[i]
+                state = state.with_recipient(i, replace(r, delay_warned=True)
+                                             if kind == "delay" else replace(r, notified=True))
             entry.state = state
             self.enqueued(stored)
             return self._persist(entry)
 
-        return self.spool.content(entry.stored).headers().addCallback(build).addCallback(queued)
+        return returned.addCallback(build).addCallback(queued)
+
+    @staticmethod
+    def _dsn_recipient(entry: _Entry, i: int, kind: str, config: Any) -> FailedRecipient:
+        envelope = entry.stored.envelope
+        r = entry.state.recipients[i]
+        orcpt = _recipient(envelope, i).params.get("ORCPT")
+        original = xtext_decode(orcpt.split(";", 1)[1]) if orcpt and ";" in orcpt else None
+        remote = (r.remote_host or "").split("[")[0] or None
+        if kind == "failure":
+            return FailedRecipient(r.address, r.enhanced or "5.0.0", r.last_reply, remote,
+                                   original_recipient=original)
+        if kind == "delay":
+            return FailedRecipient(r.address, r.enhanced or "4.0.0", r.last_reply, remote,
+                                   action="delayed", original_recipient=original,
+                                   last_attempt=r.last_attempt,
+                                   will_retry_until=envelope.arrived
+                                   + config.delivery.max_queue_time)
+        if r.relayed:
+            return FailedRecipient(r.address, r.enhanced or "2.0.0", r.last_reply, remote,
+                                   action="relayed", original_recipient=original)
+        # Final delivery: our own diagnostic names a mailbox path, which is not the sender's
+        # business.
+        return FailedRecipient(r.address, "2.0.0", None, None, action="delivered",
+                               original_recipient=original)
 
 
 def _reject_result(decision: RouteDecision) -> DeliveryResult:
     result = decision.as_delivery_result()
     assert result is not None  # routing gives every reject its reply
     return result
+
+
+def _recipient(envelope: Envelope, index: int) -> EnvelopeRecipient:
+    """The envelope's recipient ``index`` with its DSN parameters (the queue state has one
+    per envelope recipient; the spool checks that when it loads a message)."""
+    if index < len(envelope.recipients):
+        return envelope.recipients[index]
+    return EnvelopeRecipient("")
+
+
+def _dsn_due(envelope: Envelope, rcpt: EnvelopeRecipient, event: str) -> bool:
+    """Whether the sender gets a DSN on ``event`` for ``rcpt``: never about a message from
+    ``<>`` (RFC 5321 §6.1), otherwise as its NOTIFY asks."""
+    return should_bounce(envelope.sender) and rcpt.notify_on(event)
 
 
 def _view(entry: _Entry) -> QueuedMessage:

@@ -29,7 +29,11 @@ class RecipientState:
     last_reply: str | None = None  # the peer's or our own diagnostic, for logs and DSNs
     enhanced: str | None = None  # "4.4.1", "5.1.1"
     remote_host: str | None = None
-    notified: bool = False  # FAILED only: the DSN to the sender is durably queued (or not due)
+    # Final recipients: the DSN the sender asked for (failed, delivered or relayed) is
+    # durably queued, or none is due.
+    notified: bool = False
+    relayed: bool = False  # DELIVERED to a next hop without DSN: a success DSN says "relayed"
+    delay_warned: bool = False  # PENDING: the one delay warning is durably queued
 
     @property
     def is_final(self) -> bool:
@@ -38,6 +42,11 @@ class RecipientState:
     @property
     def needs_bounce(self) -> bool:
         return self.status == FAILED and not self.notified
+
+    @property
+    def needs_dsn(self) -> bool:
+        """Final, and the sender's DSN for it (if one is due) not yet queued."""
+        return self.is_final and not self.notified
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class QueueState:
     @property
     def is_complete(self) -> bool:
         """Nothing left to do: every recipient delivered, or failed and reported."""
-        return all(r.is_final and not r.needs_bounce for r in self.recipients)
+        return all(r.is_final and not r.needs_dsn for r in self.recipients)
 
     def with_recipient(self, index: int, state: RecipientState) -> QueueState:
         rcpts = list(self.recipients)

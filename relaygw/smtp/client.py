@@ -41,7 +41,10 @@ from zope.interface import implementer
 
 from relaygw.results import (
     DELIVERED,
+    FINAL,
+    PASSED_ON,
     PERMANENT,
+    RELAYED,
     TRANSIENT,
     DeliveryResult,
     permanent,
@@ -754,8 +757,13 @@ class SMTPClientProtocol(Protocol):
             status = (DELIVERED if _ok(reply) else
                       PERMANENT if reply.code // 100 == 5 else TRANSIENT)
         enhanced = enhanced or _CLASS[status] + (reply.enhanced or "4.0.0")[1:]
+        handoff = FINAL
+        if status == DELIVERED:
+            # A peer that offers DSN got the parameters (see _envelope_lines) and reports
+            # from here on; one without leaves the sender's success notice to us.
+            handoff = PASSED_ON if "DSN" in self.extensions else RELAYED
         return DeliveryResult(status, enhanced, text or _one_line(reply), reply.code,
-                              self.remote, self.tls_version)
+                              self.remote, self.tls_version, handoff)
 
     def _refusal(self, message: OutboundMessage) -> DeliveryResult | None:
         """Why the next hop cannot take this message at all, decided before sending."""

@@ -468,6 +468,7 @@ class SMTPServerProtocol(protocol.Protocol):
             "PIPELINING",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
+            "DSN",  # RFC 3461: NOTIFY, RET, ENVID and ORCPT are kept with the message
         ]
         if self._starttls_offered():
             lines.append("STARTTLS")

@@ -324,7 +324,7 @@ def test_arguments_are_validated():
     with pytest.raises(ValueError):
         dsn(())
     with pytest.raises(ValueError):
-        dsn((FailedRecipient("b@c.example", "2.0.0", None, None, action="delivered"),))
+        dsn((FailedRecipient("b@c.example", "2.0.0", None, None, action="expanded"),))
 
 
 def test_should_bounce_only_the_null_sender_is_exempt():
@@ -387,3 +387,152 @@ def test_our_own_diagnostics_are_not_labelled_smtp():
                                                 "mx.y.example")])
     assert b"Diagnostic-Code: x-relaygw; 5.0.0 returned to sender by the mail administrator" in dsn
     assert b"Diagnostic-Code: smtp; 550 5.1.1 No such user" in dsn
+
+
+# -- success notices, delay warnings and RET=FULL (RFC 3461) ------------------------------------
+
+DELIVERED_BOB = FailedRecipient("bob@corp.example", "2.0.0", None, None, action="delivered",
+                                original_recipient="Bob@corp.example")
+RELAYED_CAROL = FailedRecipient("carol@other.example", "2.0.0", "250 2.0.0 Ok: queued as 4XyZ",
+                                "mx.other.example", action="relayed")
+SUCCESS_GOLDEN_TEXT = (
+    b"This is the mail system at host mx.relay.example.\r\n"
+    b"\r\n"
+    b"Your message was delivered to the recipients listed below. Where it was\r\n"
+    b"relayed to a system that does not report delivery, you may still receive\r\n"
+    b"notices of delivery errors from other systems.\r\n"
+    b"\r\n"
+    b"<bob@corp.example>: delivered to the mailbox\r\n"
+    b"\r\n"
+    b"<carol@other.example>: relayed to a system that does not report delivery:\r\n"
+    b"    host mx.other.example said: 250 2.0.0 Ok: queued as 4XyZ\r\n"
+)
+SUCCESS_GOLDEN_STATUS = (
+    b"Original-Envelope-Id: QQ314159\r\n"
+    b"Reporting-MTA: dns; mx.relay.example\r\n"
+    b"Arrival-Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n"
+    b"X-Relaygw-Queue-ID: 018BCFE5680A1B2C3\r\n"
+    b"\r\n"
+    b"Original-Recipient: rfc822; Bob@corp.example\r\n"
+    b"Final-Recipient: rfc822; bob@corp.example\r\n"
+    b"Action: delivered\r\n"
+    b"Status: 2.0.0\r\n"
+    b"\r\n"
+    b"Final-Recipient: rfc822; carol@other.example\r\n"
+    b"Action: relayed\r\n"
+    b"Status: 2.0.0\r\n"
+    b"Remote-MTA: dns; mx.other.example\r\n"
+    b"Diagnostic-Code: smtp; 250 2.0.0 Ok: queued as 4XyZ\r\n"
+)
+
+
+def report(raw: bytes):
+    """The parsed DSN: (message, per-message fields, [per-recipient fields], returned part)."""
+    message = email.message_from_bytes(raw)
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    text, status, returned = message.get_payload()
+    assert text.get_content_type() == "text/plain"
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, *per_recipient = status.get_payload()
+    return message, per_message, per_recipient, returned
+
+
+def third_part(raw: bytes) -> tuple[bytes, bytes]:
+    """The returned part's own header lines and its exact bytes, cut from the raw DSN."""
+    boundary = email.message_from_bytes(raw).get_boundary().encode()
+    part = raw.split(b"\r\n--" + boundary)[3]
+    head, _, body = part.partition(b"\r\n\r\n")
+    return head.lstrip(b"\r\n"), body
+
+
+def test_success_report_for_a_delivered_and_a_relayed_recipient():
+    raw = dsn((DELIVERED_BOB, RELAYED_CAROL), envelope_id="QQ314159")
+    assert b"\r\nSubject: Successful Mail Delivery Report\r\n" in raw
+    assert b"\r\n\r\n" + SUCCESS_GOLDEN_TEXT + b"\r\n--" in raw
+    assert status_part(raw) == SUCCESS_GOLDEN_STATUS
+    message, per_message, (bob, carol), returned = report(raw)
+    assert message["Auto-Submitted"] == "auto-replied"
+    assert per_message["Original-Envelope-Id"] == "QQ314159"
+    assert (bob["Action"], bob["Status"], bob["Original-Recipient"]) == (
+        "delivered", "2.0.0", "rfc822; Bob@corp.example")
+    assert bob["Remote-MTA"] is None and bob["Diagnostic-Code"] is None
+    assert (carol["Action"], carol["Status"], carol["Remote-MTA"]) == (
+        "relayed", "2.0.0", "dns; mx.other.example")
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert returned.get_payload() == HEADERS.decode()
+
+
+def test_delay_warning_carries_will_retry_until_and_the_last_attempt():
+    delayed = FailedRecipient("bob@corp.example", "4.4.1", "connection refused",
+                              "mx.corp.example", action="delayed", last_attempt=1700003500.0,
+                              will_retry_until=1700432000.0)
+    raw = dsn((delayed,))
+    assert status_part(raw).endswith(
+        b"Final-Recipient: rfc822; bob@corp.example\r\n"
+        b"Action: delayed\r\n"
+        b"Status: 4.4.1\r\n"
+        b"Remote-MTA: dns; mx.corp.example\r\n"
+        b"Diagnostic-Code: x-relaygw; connection refused\r\n"
+        b"Last-Attempt-Date: Tue, 14 Nov 2023 23:11:40 +0000\r\n"
+        b"Will-Retry-Until: Sun, 19 Nov 2023 22:13:20 +0000\r\n")
+    message, _, (bob,), returned = report(raw)
+    assert message["Subject"] == "Delayed Mail (still being retried)"
+    assert (bob["Action"], bob["Status"]) == ("delayed", "4.4.1")
+    assert bob["Will-Retry-Until"] == "Sun, 19 Nov 2023 22:13:20 +0000"
+    assert returned.get_content_type() == "text/rfc822-headers"
+
+
+@pytest.mark.parametrize("action,given,shown", [
+    ("delivered", "5.1.1", "2.0.0"), ("relayed", "4.4.1", "2.0.0"), ("delayed", "5.1.1", "4.0.0"),
+    ("delivered", "2.1.5", "2.1.5"), ("failed", "4.4.7", "4.4.7")])
+def test_status_matches_the_class_of_the_action(action, given, shown):
+    raw = dsn((FailedRecipient("b@corp.example", given, None, None, action=action),))
+    assert f"Action: {action}\r\nStatus: {shown}\r\n".encode() in status_part(raw)
+
+
+FULL = (b"Received: from client.example ([127.0.0.1])\r\n\tby relay.test; Tue, 14 Nov 2023\r\n"
+        + HEADERS + b"\r\nbody line 1\r\n.\r\n..dots stay as stored\r\nlast\r\n")
+
+
+def test_ret_full_returns_the_whole_message_as_message_rfc822_byte_for_byte():
+    raw = dsn(returned_message=FULL)
+    head, body = third_part(raw)
+    assert head == b"Content-Type: message/rfc822"
+    assert body == FULL
+    assert b"your message is attached." in raw
+    _, _, (bob,), returned = report(raw)
+    assert bob["Action"] == "failed"
+    assert returned.get_content_type() == "message/rfc822"
+    (inner,) = returned.get_payload()
+    assert inner["Subject"] == "test"
+    assert inner.get_payload() == "body line 1\r\n.\r\n..dots stay as stored\r\nlast\r\n"
+
+
+def test_ret_full_with_8bit_content_is_declared_8bit():
+    message = "Subject: Grüße\r\n\r\nSchöne Grüße\r\n".encode()
+    head, body = third_part(dsn(returned_message=message))
+    assert head == b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit"
+    assert body == message
+
+
+def test_returned_message_without_a_final_line_end_gets_one():
+    head, body = third_part(dsn(returned_message=b"Subject: x\r\n\r\nno end"))
+    assert body == b"Subject: x\r\n\r\nno end\r\n"
+
+
+def test_returned_message_holding_the_boundary_changes_the_boundary():
+    default = "018BCFE5680A1B2C3.1700003600/mx.relay.example"
+    message = f"Subject: a forwarded DSN\r\n\r\n--{default}\r\nX: 1\r\n".encode()
+    raw = dsn(returned_message=message)
+    assert email.message_from_bytes(raw).get_boundary() == default + "=1"
+    assert third_part(raw)[1] == message
+
+
+def test_message_too_big_to_return_gets_its_header_and_says_so():
+    raw = dsn(too_big_to_return=10485760)
+    head, body = third_part(raw)
+    assert head == b"Content-Type: text/rfc822-headers"
+    assert body == HEADERS
+    assert (b"are listed below, and your message is larger than 10485760 bytes, so only\r\n"
+            b"its header is attached.\r\n") in raw

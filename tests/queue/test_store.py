@@ -139,6 +139,22 @@ def test_state_is_saved_and_reloaded(spool):
     assert list(spool.tmp_dir.iterdir()) == []
 
 
+def test_a_state_file_written_before_dsn_fields_existed_still_loads(spool):
+    env = envelope()
+    result_of(spool.new_message(env).commit())
+    # Exactly what the code before success notices and delay warnings wrote.
+    (spool.queue_dir / f"{env.queue_id}.state").write_bytes(
+        b'{"recipients":[{"address":"b@x.example","status":"pending","attempts":2,'
+        b'"next_attempt":1600.0,"last_attempt":1300.0,"last_reply":"4.4.1 down",'
+        b'"enhanced":"4.4.1","remote_host":null,"notified":false},'
+        b'{"address":"c@y.example","status":"failed","attempts":1,"next_attempt":1000.0,'
+        b'"last_attempt":1000.0,"last_reply":"550 5.1.1 no","enhanced":"5.1.1",'
+        b'"remote_host":"mx.y.example[192.0.2.1]:25","notified":true}],"held":false}')
+    b, c = spool._load(env.queue_id).state.recipients
+    assert (b.attempts, b.delay_warned, b.relayed, b.notified) == (2, False, False, False)
+    assert (c.status, c.delay_warned, c.relayed, c.notified) == ("failed", False, False, True)
+
+
 def test_remove_deletes_message_and_state(spool):
     env = envelope()
     result_of(spool.new_message(env).commit())

@@ -25,7 +25,15 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from relaygw.config import DeliveryTimeouts
-from relaygw.results import DELIVERED, PERMANENT, TRANSIENT, DeliveryResult
+from relaygw.results import (
+    DELIVERED,
+    FINAL,
+    PASSED_ON,
+    PERMANENT,
+    RELAYED,
+    TRANSIENT,
+    DeliveryResult,
+)
 from relaygw.smtp.client import (
     ClientPolicy,
     OutboundMessage,
@@ -476,7 +484,7 @@ def test_pipelined_transaction_bytes() -> None:
     assert d == []
     session.say("250 2.0.0 queued as 1234\r\n")
     assert d == [[DeliveryResult(DELIVERED, "2.0.0", "queued as 1234", code=250,
-                                 remote=REMOTE, tls=None)]]
+                                 remote=REMOTE, tls=None, handoff=RELAYED)]]
     assert session.client.usable
 
 
@@ -506,7 +514,7 @@ def test_per_recipient_results() -> None:
     assert session.heard() == b"hello\r\n.\r\n"
     session.say("250 2.0.0 queued\r\n")
     assert d[0] == [
-        DeliveryResult(DELIVERED, "2.0.0", "queued", 250, REMOTE),
+        DeliveryResult(DELIVERED, "2.0.0", "queued", 250, REMOTE, handoff=RELAYED),
         DeliveryResult(TRANSIENT, "4.2.1", "mailbox busy", 450, REMOTE),
         DeliveryResult(PERMANENT, "5.1.1", "no such user really", 550, REMOTE),
     ]
@@ -626,6 +634,22 @@ def test_dsn_parameters_only_when_offered() -> None:
     session = ready_session("PIPELINING")
     outcome(session.client.send(message(**kw)))
     assert session.heard() == b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
+
+
+@pytest.mark.parametrize("extensions,handoff", [(("PIPELINING", "DSN"), PASSED_ON),
+                                                (("PIPELINING",), RELAYED)])
+def test_delivered_result_says_whether_the_next_hop_took_the_dsn_parameters(
+        extensions: tuple[str, ...], handoff: str) -> None:
+    session = ready_session(*extensions)
+    d = outcome(session.client.send(message(recipients=("c@d.example", "e@d.example"),
+                                            rcpt_params=({"NOTIFY": "SUCCESS"}, {}))))
+    wire = session.heard()
+    assert (b" NOTIFY=SUCCESS\r\n" in wire) == ("DSN" in extensions)
+    session.say("250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+    session.heard()
+    session.say("250 2.0.0 queued as 4XyZ\r\n")
+    assert [(r.status, r.handoff, r.diagnostic) for r in d[0]] == [
+        (DELIVERED, handoff, "250 2.0.0 queued as 4XyZ"), (PERMANENT, FINAL, "550 5.1.1 no")]
 
 
 def test_null_sender() -> None:

@@ -38,13 +38,14 @@ def test_ehlo_advertises_extensions_and_starttls_but_not_auth_before_tls(harness
         "250-PIPELINING",
         "250-ENHANCEDSTATUSCODES",
         "250-SMTPUTF8",
+        "250-DSN",
         "250 STARTTLS",
     ]
 
 
 def test_ehlo_without_tls_listener_does_not_offer_starttls(harness):
     s = harness.connect(tls_mode="none", tls_options=None)
-    assert "250 SMTPUTF8" in s.ehlo()
+    assert s.ehlo()[-2:] == ["250-SMTPUTF8", "250 DSN"]
     assert s.send("STARTTLS\r\n") == ["502 5.5.1 STARTTLS not available on this port"]
 
 
@@ -96,7 +97,7 @@ def test_pipelined_commands_are_answered_in_order(harness):
     s = harness.connect()
     replies = s.send("EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nRCPT TO:<x@relay.example>\r\n"
                      "RCPT TO:<y@relay.example>\r\nDATA\r\n")
-    assert codes(replies) == ["250"] * 7 + ["250", "250", "250", "354"]
+    assert codes(replies) == ["250"] * 8 + ["250", "250", "250", "354"]
     replies = s.send("Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
     assert codes(replies) == ["250", "221"]
     assert s.closed

@@ -129,7 +129,7 @@ def test_replies_over_tcp_are_sent_at_once_and_in_order(harness):
     done, server = _dialogue(reactor, factory, [PIPELINED, MESSAGE, "QUIT\r\n"])
     received = yield done
     lines = received.decode().split("\r\n")[:-1]
-    assert [line[:4] for line in lines] == (["220 "] + ["250-"] * 5 + ["250 "] * 3
+    assert [line[:4] for line in lines] == (["220 "] + ["250-"] * 6 + ["250 "] * 3
                                             + ["354 ", "250 ", "221 "])
     assert server[0]._direct  # never needed the transport's buffer
     assert len(harness.queue_files()) == 1
@@ -149,6 +149,6 @@ def test_a_partial_send_hands_the_rest_to_the_transport_in_order(harness):
     received = yield done
     lines = received.decode().split("\r\n")[:-1]
     assert lines[0] == "220 relay.test ESMTP relaygw"
-    assert [line[:4] for line in lines[1:]] == (["250-"] * 5 + ["250 "] * 3
+    assert [line[:4] for line in lines[1:]] == (["250-"] * 6 + ["250 "] * 3
                                                 + ["354 ", "250 ", "221 "])
     assert not server[0]._direct
