@@ -41,7 +41,7 @@ def test_metrics_and_health_endpoints(daemon):
     daemon.start(f'[metrics]\naddress = "127.0.0.1:{port}"\n')
     send(daemon)
     samples = wait_until(lambda: (s := scrape(port)).get(
-        ("relaygw_deliveries_total", (("class", "4"), ("route", "routes[0]"),
+        ("relaygw_deliveries_total", (("enhanced_class", "4"), ("route", "routes[0]"),
                                       ("status", "deferred")))) and s)
     assert samples[("relaygw_messages_accepted_total", ())] == 1
     assert samples[("relaygw_queue_messages", ())] == 1
