@@ -82,11 +82,12 @@ def addresses(values: Iterable[str]) -> str:
     return Quoted(",".join(values))
 
 
-def tls(info: str | None) -> str:
+def tls(info: str | None, encrypted: bool = False) -> str:
     """``TLSv1.3/TLS_AES_256_GCM_SHA384`` from "TLSv1.3 TLS_AES_256_GCM_SHA384" or
-    "TLSv1.3"; ``none`` for plaintext."""
+    "TLSv1.3"; ``TLS`` when ``encrypted`` but the version is not known; ``none`` for
+    plaintext."""
     if not info:
-        return NONE
+        return "TLS" if encrypted else NONE
     return Quoted("/".join(info.split()))
 
 

@@ -115,16 +115,17 @@ class Cleanup:
         )
         pipeline = Pipeline([t.start(envelope, session) for t in transforms])
         return IncomingMessage(self, envelope, self.store.new_message(envelope), pipeline,
-                               session.session_id)
+                               session.session_id, fields.tls(session.tls_info, session.tls))
 
 
 class IncomingMessage:
     """One message on its way into the spool (the session's IncomingMessage)."""
 
     def __init__(self, cleanup: Cleanup, envelope: Envelope, writer: MessageWriter,
-                 pipeline: Pipeline, session_id: str = "") -> None:
+                 pipeline: Pipeline, session_id: str = "", tls: str = fields.NONE) -> None:
         self.envelope = envelope
         self.session_id = session_id
+        self._tls = tls  # as the log writes it
         self._cleanup = cleanup
         self._writer = writer
         self._pipeline = pipeline
@@ -162,7 +163,7 @@ class IncomingMessage:
                  queue_id=queue_id, session=self.session_id,
                  sender=fields.address(envelope.sender), size=self._size,
                  nrcpt=len(envelope.recipients), message_id=fields.text(self._message_id),
-                 client=envelope.client_ip, tls=fields.tls(envelope.tls),
+                 client=envelope.client_ip, tls=self._tls,
                  auth=fields.text(envelope.auth_user), event="accepted")
         metrics.message_accepted(self._size)
         metrics.tls_inbound(envelope.tls)

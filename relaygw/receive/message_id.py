@@ -47,6 +47,8 @@ class MessageIdScan:
             self._line += data[start:]
             if len(self._line) > FIELD_LIMIT:
                 self._line, self._overlong = self._line[:FIELD_LIMIT], True
+        if self._field is not None and self._line[:1] not in (b"", b" ", b"\t"):
+            self._finish()  # the next line is no continuation: the field is complete
         if self._seen > HEADER_LIMIT:
             self._finish()
         return self.done

@@ -243,7 +243,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if self.session is not None and self.refusal is None:
             log.info("disconnect session={session} client={client} tls={tls} auth={auth}",
                      session=self.session.session_id, client=self._client,
-                     tls=fields.tls(self._tls_info()),
+                     tls=fields.tls(self._tls_info(), self.session.tls),
                      auth=fields.text(self.session.auth_user), event="disconnect")
 
     def shutdown(self) -> None:
