@@ -336,8 +336,8 @@ def test_per_client_cap_is_daemon_wide(daemon):
     finally:
         first.close()
         second.close()
-    assert "connection refused client=127.0.0.1 reply=421 4.7.0 Too many connections from " \
-           "your address" in daemon.logs()
+    assert 'connection refused client=127.0.0.1 reply="421 4.7.0 Too many connections from ' \
+           'your address"' in daemon.logs()
 
 
 def test_total_cap_is_daemon_wide(daemon):
