@@ -89,8 +89,3 @@ def tls(info: str | None, encrypted: bool = False) -> str:
     if not info:
         return "TLS" if encrypted else NONE
     return Quoted("/".join(info.split()))
-
-
-def flag(value: bool) -> str:
-    """``yes`` or ``no``: never Python's True and False."""
-    return "yes" if value else "no"

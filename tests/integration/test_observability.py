@@ -146,7 +146,7 @@ def test_one_messages_json_log_links_session_and_queue_id(daemon, capture):
 def test_one_messages_text_log_has_no_reprs_and_no_twisted_noise(daemon, capture):
     queue_id, logs = relay_one_message(daemon, capture, "text")
     messages = [split_text_line(line) for line in logs.splitlines()]
-    for system, message in messages:
+    for _, message in messages:
         assert python_reprs(message) == [], message
         assert not TWISTED_NOISE.search(message), message
     mine = [(system, pairs(message)) for system, message in messages

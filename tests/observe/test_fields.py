@@ -46,7 +46,6 @@ def test_helpers() -> None:
     assert f"{fields.address('a@b.example')}" == "<a@b.example>"
     assert f"{fields.address('a b@c.example')}" == '"<a b@c.example>"'
     assert f"{fields.addresses(['a@x.example', 'b@y.example'])}" == "a@x.example,b@y.example"
-    assert (fields.flag(True), fields.flag(False)) == ("yes", "no")
 
 
 def test_text_lines_quote_and_json_lines_keep_the_value() -> None:
