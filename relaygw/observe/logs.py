@@ -95,7 +95,7 @@ _NOISE_TEXT = re.compile(
 def is_noise(event: LogEvent) -> bool:
     """Whether ``event`` is one of Twisted's own lines that say nothing to an operator."""
     log_format = event.get("log_format")
-    if log_format in _NOISE_FORMATS:
+    if isinstance(log_format, str) and log_format in _NOISE_FORMATS:
         return True
     if event.get("log_namespace") != "log_legacy" or "log_failure" in event \
             or event.get("isError"):
