@@ -40,6 +40,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from relaygw.delivery.courier import MessageContent
+from relaygw.observe import fields
 from relaygw.queue.inspect import details, matches, parse_age, read_content, summarise
 from relaygw.queue.manager import QueuedMessage, UnknownMessage
 from relaygw.queue.store import StoredMessage
@@ -307,7 +308,8 @@ class ControlService(service.Service):
             return {"ok": False, "error": str(failure.value), "unknown": failure.value.ids}
         if failure.check(BadRequestError):
             return {"ok": False, "error": str(failure.value)}
-        log.failure("control: request {request!r} failed", failure, request=request)
+        log.failure("control: request failed request={request}", failure,
+                    request=fields.text(json.dumps(request, default=str)))
         return {"ok": False, "error": f"internal error: {failure.getErrorMessage()}"}
 
     def _dispatch(self, request: Any) -> Any:

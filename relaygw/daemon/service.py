@@ -175,14 +175,14 @@ class RelayService(_SequentialService):
             queue_id = stored.envelope.queue_id
             if self.manager.knows(queue_id) or not self.manager.running:
                 return
-            log.warn("queued {queue_id}, which a worker stored but did not report before "
+            log.warn("queued id={queue_id}, which a worker stored but did not report before "
                      "it died", queue_id=queue_id, event="recovered")
             self.manager.enqueued(stored)
             taken.append(queue_id)
 
         def skip(failure: Failure, queue_id: str) -> None:
             if not failure.check(FileNotFoundError):
-                log.failure("spool: cannot read {queue_id}", failure, queue_id=queue_id)
+                log.failure("spool: cannot read id={queue_id}", failure, queue_id=queue_id)
 
         def cannot_scan(failure: Failure) -> list[str]:
             log.failure("spool: cannot scan for unreported messages", failure)

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from relaygw.config import Config
 from relaygw.delivery.courier import ContentReader, DeliveryJob
 from relaygw.delivery.dns import DNSFailure, DNSResolver
+from relaygw.observe import fields
 from relaygw.results import DeliveryResult, permanent, transient
 from relaygw.smtp.client import (
     ClientPolicy,
@@ -65,15 +66,18 @@ class HostHealth:
     def available(self, host: str) -> bool:
         return self.state(host) != "open"
 
-    def failed(self, host: str) -> None:
+    def failed(self, host: str, queue_id: str | None = None) -> None:
+        """A connection to ``host`` failed (while delivering ``queue_id``, for the log)."""
         count = self._failures.pop(host, 0) + 1
         self._failures[host] = count  # re-inserted: dict order is least recently failed first
         if len(self._failures) > MAX_TRACKED_HOSTS:
             self._forget_one()
         if count >= self.failures_to_open:
             if self.state(host) != "open":
-                log.warn("delivery: {host} failed {n} times in a row; skipping it for {s:.0f}s",
-                         host=host, n=count, s=self.open_for)
+                log.warn("delivery: circuit open id={queue_id} host={host} failures={failures} "
+                         "skip_seconds={skip_seconds}", queue_id=fields.text(queue_id),
+                         host=host, failures=count, skip_seconds=round(self.open_for),
+                         event="circuit_open")
             self._opened_at[host] = self.clock.seconds()
 
     def _forget_one(self) -> None:
@@ -316,12 +320,12 @@ class RelayCourier:
                 if decision.action == "mx" and self._is_myself(ip, target.port):
                     return [permanent("5.4.6", f"mail for {decision.domain} loops back to "
                                                f"myself ({target.host}[{ip}])")] * count
-                outcome = await self._try_host(target, ip, message(), count)
+                outcome = await self._try_host(target, ip, message(), count, job.queue_id)
                 if isinstance(outcome, list):
                     self.health.succeeded(key)
                     return outcome
                 last = outcome
-            self.health.failed(key)
+            self.health.failed(key, job.queue_id)
         return [last] * count
 
     def _message(self, job: DeliveryJob) -> Callable[[], tuple[OutboundMessage, ContentReader]]:
@@ -342,7 +346,7 @@ class RelayCourier:
 
     async def _try_host(self, target: _Target, ip: str,
                         made: tuple[OutboundMessage, ContentReader],
-                        count: int) -> list[DeliveryResult] | DeliveryResult:
+                        count: int, queue_id: str) -> list[DeliveryResult] | DeliveryResult:
         """A list of per-recipient results once a transaction ran, or one
         transient result when this host could not be used (try the next)."""
         message, reader = made
@@ -354,8 +358,9 @@ class RelayCourier:
                 try:
                     proto = await connect(self.reactor, ip, target.port, target.policy, remote)
                 except SessionFailure as e:
-                    log.info("delivery: {remote} unusable: {reply}", remote=remote,
-                             reply=e.result.diagnostic)
+                    log.info("delivery: host unusable id={queue_id} relay={relay} reply={reply}",
+                             queue_id=queue_id, relay=remote,
+                             reply=fields.text(e.result.diagnostic), event="host_unusable")
                     return e.result
             self._active.add(proto)
             try:

@@ -11,8 +11,14 @@ tooling) want plain newline-delimited JSON with flat, stable field names.
 
 The observers made here keep secrets out: a field named like one (``redact``)
 never reaches the output, not even through a format string that names it.
-twistd's own text observer (what "text" means under twistd) has no such guard;
-there the code's rule holds alone: never pass a password to a log call.
+twistd's own text observer (what "text" to a file or syslog means under twistd)
+has no such guard; there the code's rule holds alone: never pass a password to a
+log call.
+
+Every observer made here, and twistd's own when ``configure_twistd`` chose it, also
+drops Twisted's own chatter (``is_noise``): ports starting and closing, "Main loop
+terminated.", factories starting and stopping. relaygw logs what an operator needs
+of these itself ("listening on", "control socket").
 
 Use with twistd:
     ``twistd --logger relaygw.observe.logs.json_logger -n relaygw ...``   (stdout)
@@ -25,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import string
 import sys
 import time
@@ -35,6 +42,7 @@ from typing import IO, Any
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    LegacyLogObserverWrapper,
     LogEvent,
     formatEvent,
     formatEventAsClassicLogText,
@@ -68,11 +76,49 @@ def redact(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if not is_secret(key)}
 
 
+# -- Twisted's noise ----------------------------------------------------------------------------
+
+# Format strings of Twisted's own lines (new-style events), whatever their namespace.
+_NOISE_FORMATS = frozenset((
+    "Main loop terminated.",
+    "reactor class: {reactor}.",
+    "Starting factory {factory!r}",
+    "Stopping factory {factory!r}",
+))
+# Lines of twisted.python.log (legacy events): listening ports, client protocols.
+_NOISE_TEXT = re.compile(
+    r"\S.* starting on \S.*"
+    r"|\((?:TCP |UDP |UNIX |UNIX Datagram )?Port \S.* Closed\)"
+    r"|(?:Starting|Stopping) protocol \S.*", re.DOTALL)
+
+
+def is_noise(event: LogEvent) -> bool:
+    """Whether ``event`` is one of Twisted's own lines that say nothing to an operator."""
+    log_format = event.get("log_format")
+    if isinstance(log_format, str) and log_format in _NOISE_FORMATS:
+        return True
+    if event.get("log_namespace") != "log_legacy" or "log_failure" in event \
+            or event.get("isError"):
+        return False
+    text = event.get("log_text")
+    if not isinstance(text, str):
+        message = event.get("message")
+        if not isinstance(message, tuple) or not message:
+            return False
+        text = " ".join(str(m) for m in message)
+    return _NOISE_TEXT.fullmatch(text) is not None
+
+
 def _masked(event: LogEvent) -> LogEvent:
     """The event with secret-named fields replaced, so formatting cannot reveal them."""
     if not any(is_secret(key) for key in event):
         return event
     return {key: REDACTED if is_secret(key) else value for key, value in event.items()}
+
+
+def message_text(event: LogEvent) -> str:
+    """The event's message as the text and JSON lines show it, secrets masked."""
+    return format_event(_masked(event))
 
 
 # -- formatting: Twisted's output, faster ------------------------------------------------------
@@ -214,9 +260,26 @@ def json_line(event: LogEvent) -> str:
                       default=str) + "\n"
 
 
+@implementer(ILogObserver)
+class _Quiet:
+    """Passes on every event but Twisted's noise."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        if not is_noise(event):
+            self.observer(event)
+
+
+def quiet(observer: ILogObserver) -> ILogObserver:
+    """``observer`` without Twisted's noise lines (``is_noise``)."""
+    return _Quiet(observer)
+
+
 def json_observer(stream: IO[str]) -> ILogObserver:
     """Writes each event to ``stream`` as one JSON object on one line, and flushes."""
-    return FileLogObserver(stream, json_line)
+    return _Quiet(FileLogObserver(stream, json_line))
 
 
 @implementer(ILogObserver)
@@ -225,11 +288,13 @@ class _Redacting:
         self.observer = observer
 
     def __call__(self, event: LogEvent) -> None:
-        self.observer(_masked(event))
+        if not is_noise(event):
+            self.observer(_masked(event))
 
 
 def observer_for(format: str, stream: IO[str]) -> ILogObserver:
-    """"text": Twisted's classic text lines; "json": JSON lines. Secrets are masked in both."""
+    """"text": Twisted's classic text lines; "json": JSON lines. Secrets are masked in both,
+    and Twisted's noise is left out."""
     if format == "json":
         return json_observer(stream)
     if format == "text":
@@ -266,15 +331,32 @@ def twistd_text_logger() -> ILogObserver:
     return observer_for("text", sys.stdout)
 
 
+# The twistd options its own observer is made from, recorded by configure_twistd.
+_twistd_options: Mapping[str, Any] = {}
+
+
+def twistd_own_logger() -> ILogObserver:
+    """The ``--logger`` that ``configure_twistd`` names for text to a file or syslog:
+    the observer twistd itself would make (its format, its SIGUSR1 rotation, syslog),
+    made the way twistd makes it, without Twisted's noise."""
+    from twisted.scripts.twistd import _SomeApplicationRunner
+
+    own = _SomeApplicationRunner.loggerFactory(_twistd_options)._getLogObserver()
+    if not ILogObserver.providedBy(own):  # syslog's observer is a legacy one
+        own = LegacyLogObserverWrapper(own)
+    return quiet(own)
+
+
 def configure_twistd(server_options: MutableMapping[str, Any], format: str) -> None:
     """Make twistd log ``format``; call from the plugin's ``postOptions``.
 
     twistd options come before the plugin name, so they are parsed by then, and
     twistd imports its ``logger`` option (a dotted name) only afterwards, so
     setting it here takes effect. A ``--logger`` on the command line wins; "text"
-    to a file or syslog leaves twistd's own observer (and its SIGUSR1 rotation) alone.
+    to a file or syslog keeps twistd's own observer (and its SIGUSR1 rotation),
+    only without Twisted's noise.
     """
-    global _twistd_destination
+    global _twistd_destination, _twistd_options
     if format not in FORMATS:
         raise usage.UsageError(f"--log-format must be one of {', '.join(FORMATS)} "
                                f"(got {format!r})")
@@ -285,6 +367,9 @@ def configure_twistd(server_options: MutableMapping[str, Any], format: str) -> N
         if not server_options.get("syslog") and server_options.get("nodaemon") \
                 and (not logfile or logfile == "-"):
             server_options["logger"] = f"{__name__}.twistd_text_logger"
+        else:
+            _twistd_options = server_options
+            server_options["logger"] = f"{__name__}.twistd_own_logger"
         return
     if server_options.get("syslog"):
         raise usage.UsageError("JSON logs cannot go to --syslog; use --logfile or -n")

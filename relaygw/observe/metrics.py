@@ -183,10 +183,10 @@ class Metrics(NullMetrics):
                                   "Size of accepted messages", value=self._accepted_bytes)
         yield _counter("relaygw_messages_rejected",
                        "MAIL, RCPT and DATA commands refused by policy, by enhanced status code",
-                       ["stage", "code", "reason"], self._rejected)
+                       ["stage", "code", "enhanced_status"], self._rejected)
         yield _counter("relaygw_deliveries",
                        "Delivery attempt outcomes per recipient, by route, result and enhanced "
-                       "status class", ["route", "status", "class"], self._deliveries)
+                       "status class", ["route", "status", "enhanced_class"], self._deliveries)
         latency = HistogramMetricFamily(
             "relaygw_delivery_latency_seconds",
             "Seconds from arrival to a recipient's final outcome (sent, bounced, expired)",

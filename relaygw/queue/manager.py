@@ -31,6 +31,7 @@ from relaygw.config import Config
 from relaygw.delivery.bounce import RETURN_FULL_LIMIT, FailedRecipient, build_dsn, should_bounce
 from relaygw.delivery.courier import Courier, DeliveryJob
 from relaygw.envelope import Envelope, EnvelopeRecipient
+from relaygw.observe import fields
 from relaygw.observe.null import NO_METRICS
 from relaygw.queue.state import DELIVERED as STATE_DELIVERED
 from relaygw.queue.state import FAILED, QueueState, RecipientState
@@ -244,7 +245,7 @@ class QueueManager(service.Service):
                 d = succeed([transient("4.3.5", f"no courier for action {action}")] * len(group))
             else:
                 d = courier.deliver(job)
-            d.addErrback(self._courier_failed, len(group))
+            d.addErrback(self._courier_failed, len(group), entry.queue_id)
             groups.append(d.addCallback(self._group_done, entry, indexes, group, started))
         done = _all_done(groups)
         self._in_flight.add(done)
@@ -255,8 +256,8 @@ class QueueManager(service.Service):
         return self._record(entry, indexes, decisions, results, started)
 
     @staticmethod
-    def _courier_failed(failure: Failure, count: int) -> list[DeliveryResult]:
-        log.failure("courier failed", failure)
+    def _courier_failed(failure: Failure, count: int, queue_id: str) -> list[DeliveryResult]:
+        log.failure("courier failed id={queue_id}", failure, queue_id=queue_id)
         return [transient("4.3.0", f"internal delivery error: {failure.getErrorMessage()}")] * count
 
     def _record(self, entry: _Entry, indexes: list[int], decisions: list[RouteDecision],
@@ -309,13 +310,16 @@ class QueueManager(service.Service):
                               now - entry.stored.envelope.arrived)
         if result.remote is not None:  # an SMTP peer answered
             self.metrics.tls_outbound(result.tls)
+        # Seconds rounded where they are made, so the JSON field is what the text says.
         maillog.info(
-            "attempt id={queue_id} to=<{rcpt}> route={route} relay={relay} tls={tls} "
-            "delay={delay:.2f} duration={duration:.2f} status={status} reply={reply}",
-            queue_id=entry.queue_id, rcpt=new.address, route=decision.route_label,
-            relay=result.remote or decision.nexthop or "none", tls=result.tls or "none",
-            delay=now - entry.stored.envelope.arrived, duration=time.monotonic() - started,
-            status=status, reply=result.diagnostic,
+            "attempt id={queue_id} to={rcpt} route={route} relay={relay} tls={tls} "
+            "delay={delay} duration={duration} status={status} reply={reply}",
+            queue_id=entry.queue_id, rcpt=fields.address(new.address),
+            route=fields.text(decision.route_label),
+            relay=fields.text(result.remote or decision.nexthop or None),
+            tls=fields.tls(result.tls), delay=round(now - entry.stored.envelope.arrived, 2),
+            duration=round(time.monotonic() - started, 2), status=status,
+            reply=fields.text(result.diagnostic),
             event="expired" if status == "expired" else "attempt")
 
     def _persist(self, entry: _Entry) -> Deferred:
@@ -326,7 +330,7 @@ class QueueManager(service.Service):
 
         entry.saving.addCallback(save)
         entry.saving.addErrback(lambda f: log.failure(
-            "queue: cannot save state of {queue_id}", f, queue_id=entry.queue_id))
+            "queue: cannot save state id={queue_id}", f, queue_id=entry.queue_id))
         result: Deferred[None] = Deferred()
 
         def saved(outcome: Any) -> Any:
@@ -445,7 +449,7 @@ class QueueManager(service.Service):
         if silent and not reports and not entry.state.is_complete:
             d.addCallback(lambda _: self._persist(entry))
         d.addCallback(lambda _: self._complete_or_reschedule(entry))
-        d.addErrback(lambda f: log.failure("queue: finishing {queue_id} failed", f,
+        d.addErrback(lambda f: log.failure("queue: finishing failed id={queue_id}", f,
                                            queue_id=entry.queue_id))
         return d
 
@@ -523,17 +527,19 @@ class QueueManager(service.Service):
 
         def queued(stored: StoredMessage) -> Deferred:
             dsn_id = stored.envelope.queue_id
-            addresses = ",".join(f.address for f in rcpts)
+            addresses = fields.addresses(f.address for f in rcpts)
             if kind == "failure":
-                maillog.info("bounced id={queue_id} dsn={dsn_id} to=<{sender}> rcpts={rcpts}",
+                maillog.info("bounced id={queue_id} dsn_id={dsn_id} from={sender} rcpts={rcpts}",
                              queue_id=envelope.queue_id, dsn_id=dsn_id,
-                             sender=envelope.sender, rcpts=addresses, event="bounced")
+                             sender=fields.address(envelope.sender), rcpts=addresses,
+                             event="bounced")
             else:
-                maillog.info("notified id={queue_id} dsn={dsn_id} action={action} "
-                             "to=<{sender}> rcpts={rcpts}",
+                maillog.info("notified id={queue_id} dsn_id={dsn_id} action={action} "
+                             "from={sender} rcpts={rcpts}",
                              queue_id=envelope.queue_id, dsn_id=dsn_id,
                              action=",".join(sorted({f.action for f in rcpts})),
-                             sender=envelope.sender, rcpts=addresses, event="notified")
+                             sender=fields.address(envelope.sender), rcpts=addresses,
+                             event="notified")
             state = entry.state
             for i in indexes:
                 r = state.recipients[i]

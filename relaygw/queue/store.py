@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 
 from relaygw.envelope import Envelope
 from relaygw.fileio import fsync_dir, write_all
+from relaygw.observe import fields
 from relaygw.queue.content import SpoolContent
 from relaygw.queue.state import QueueState
 
@@ -192,8 +193,9 @@ class Spool:
             src = self.queue_dir / name
             if src.exists():
                 os.replace(src, self.corrupt_dir / name)
-        log.error("spool: moved unreadable message {queue_id} to {dir}: {reason}",
-                  queue_id=queue_id, dir=str(self.corrupt_dir), reason=reason)
+        log.error("spool: moved unreadable message id={queue_id} dir={dir} reason={reason}",
+                  queue_id=queue_id, dir=fields.text(str(self.corrupt_dir)),
+                  reason=fields.text(reason), event="quarantined")
 
     # -- reading ----------------------------------------------------------
 
@@ -372,8 +374,8 @@ class MessageWriter:
             self._backlog -= len(data)
             if self._error is None:
                 self._error = _as_spool_error(f.value)
-                log.error("spool: write of {queue_id} failed: {error}",
-                          queue_id=self.queue_id, error=str(self._error))
+                log.error("spool: write failed id={queue_id} error={error}",
+                          queue_id=self.queue_id, error=fields.text(str(self._error)))
 
         self._chain.addCallback(step)
 

@@ -27,7 +27,9 @@ from twisted.python.failure import Failure
 from relaygw.address import RcptArgs, xtext_encode
 from relaygw.config import AliasEntry, Config
 from relaygw.envelope import Envelope, EnvelopeRecipient
+from relaygw.observe import fields
 from relaygw.queue.store import MessageWriter, SpoolError, StoredMessage, new_queue_id
+from relaygw.receive.message_id import MessageIdScan
 from relaygw.receive.transforms import MessageTransform, Pipeline
 from relaygw.routing import expand_aliases
 from relaygw.smtp.replies import INSUFFICIENT_STORAGE, TEMP_LOCAL_ERROR, Reply
@@ -112,25 +114,34 @@ class Cleanup:
             smtputf8="SMTPUTF8" in mail.params,
         )
         pipeline = Pipeline([t.start(envelope, session) for t in transforms])
-        return IncomingMessage(self, envelope, self.store.new_message(envelope), pipeline)
+        return IncomingMessage(self, envelope, self.store.new_message(envelope), pipeline,
+                               session.session_id, fields.tls(session.tls_info, session.tls))
 
 
 class IncomingMessage:
     """One message on its way into the spool (the session's IncomingMessage)."""
 
     def __init__(self, cleanup: Cleanup, envelope: Envelope, writer: MessageWriter,
-                 pipeline: Pipeline) -> None:
+                 pipeline: Pipeline, session_id: str = "", tls: str = fields.NONE) -> None:
         self.envelope = envelope
+        self.session_id = session_id
+        self._tls = tls  # as the log writes it
         self._cleanup = cleanup
         self._writer = writer
         self._pipeline = pipeline
         self._size = 0  # the client's octets, before any transform
+        # The client's header section, for the log; None once it has been seen.
+        self._scan: MessageIdScan | None = MessageIdScan()
+        self._message_id: str | None = None
         head = pipeline.head()
         if head:
             writer.write(head)
 
     def write(self, data: bytes) -> Deferred[None] | None:
         self._size += len(data)
+        scan = self._scan
+        if scan is not None and scan.feed(data):
+            self._message_id, self._scan = scan.message_id, None
         out = self._pipeline.feed(data)
         return self._writer.write(out) if out else None
 
@@ -138,6 +149,8 @@ class IncomingMessage:
         self._writer.abort()
 
     def commit(self) -> Deferred[Reply]:
+        if self._scan is not None:
+            self._message_id, self._scan = self._scan.end(), None
         tail = self._pipeline.end()
         if tail:
             self._writer.write(tail)
@@ -145,11 +158,13 @@ class IncomingMessage:
 
     def _committed(self, queue_id: str) -> Reply:
         envelope, metrics = self.envelope, self._cleanup.metrics
-        log.info("accepted id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} "
-                 "client={client} tls={tls} auth={auth}",
-                 queue_id=queue_id, sender=envelope.sender, size=self._size,
-                 nrcpt=len(envelope.recipients), client=envelope.client_ip,
-                 tls=envelope.tls, auth=envelope.auth_user, event="accepted")
+        log.info("accepted id={queue_id} session={session} from={sender} size={size} "
+                 "nrcpt={nrcpt} message_id={message_id} client={client} tls={tls} auth={auth}",
+                 queue_id=queue_id, session=self.session_id,
+                 sender=fields.address(envelope.sender), size=self._size,
+                 nrcpt=len(envelope.recipients), message_id=fields.text(self._message_id),
+                 client=envelope.client_ip, tls=self._tls,
+                 auth=fields.text(envelope.auth_user), event="accepted")
         metrics.message_accepted(self._size)
         metrics.tls_inbound(envelope.tls)
         self._cleanup.hand_off(self._writer.stored)
@@ -159,8 +174,9 @@ class IncomingMessage:
         failure.trap(SpoolError)
         error = failure.value
         assert isinstance(error, SpoolError)
-        log.error("spool write failed id={queue_id}: {error}",
-                  queue_id=self.envelope.queue_id, error=str(error), event="spool_error")
+        log.error("spool write failed id={queue_id} session={session} error={error}",
+                  queue_id=self.envelope.queue_id, session=self.session_id,
+                  error=fields.text(str(error)), event="spool_error")
         reply = INSUFFICIENT_STORAGE if error.no_space else TEMP_LOCAL_ERROR
         self._cleanup.metrics.message_rejected("data", reply.code, reply.enhanced)
         return reply

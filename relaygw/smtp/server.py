@@ -15,6 +15,7 @@ delivery or configuration.
 from __future__ import annotations
 
 import ipaddress
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaygw.address import MailArgs, RcptArgs
+from relaygw.observe import fields
 from relaygw.observe.null import NO_METRICS
 from relaygw.smtp import auth as sasl
 from relaygw.smtp.arguments import parse_helo, parse_mail_from, parse_rcpt_to
@@ -90,6 +92,13 @@ class Session:
     tls: bool = False
     tls_info: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384"
     auth_user: str | None = None
+    session_id: str = ""  # links the session's log lines (new_session_id)
+
+
+def new_session_id() -> str:
+    """12 hex digits, random: unique enough across worker processes and restarts to
+    find one session's lines in a day's log (Postfix's queue ids are shorter)."""
+    return secrets.token_hex(6)
 
 
 @dataclass
@@ -208,16 +217,21 @@ class SMTPServerProtocol(protocol.Protocol):
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         self.session = Session(ip, getattr(peer, "port", 0),
-                               tls=self.settings.tls_mode == "implicit")
+                               tls=self.settings.tls_mode == "implicit",
+                               session_id=new_session_id())
         self._client = str(ip)
         if self.refusal is not None:
-            log.info("connection refused client={client} reply={reply}",
-                     client=self._client, reply=str(self.refusal), event="refused")
+            log.info("connection refused session={session} client={client} reply={reply}",
+                     session=self.session.session_id, client=self._client,
+                     reply=fields.text(str(self.refusal)), event="refused")
             self._send(self.refusal)
             self._close()
             return
-        log.info("connect client={client} port={port} tls={tls}", client=self._client,
-                 port=self.session.client_port, tls=self.session.tls, event="connect")
+        # An implicit-TLS session's handshake is still to come: "implicit", not a cipher.
+        log.info("connect session={session} client={client} port={port} tls={tls}",
+                 session=self.session.session_id, client=self._client,
+                 port=self.session.client_port,
+                 tls="implicit" if self.session.tls else fields.NONE, event="connect")
         self._send(Reply(220, None, f"{self.settings.hostname} ESMTP relaygw"))
         self._last_activity = self.clock.seconds()
         self._timer = self.clock.callLater(self.settings.idle_timeout, self._idle_check)
@@ -227,9 +241,10 @@ class SMTPServerProtocol(protocol.Protocol):
         self._cancel_timer()
         self._abort_message()
         if self.session is not None and self.refusal is None:
-            log.info("disconnect client={client} tls={tls} auth={auth}",
-                     client=self._client, tls=self._tls_info(),
-                     auth=self.session.auth_user, event="disconnect")
+            log.info("disconnect session={session} client={client} tls={tls} auth={auth}",
+                     session=self.session.session_id, client=self._client,
+                     tls=fields.tls(self._tls_info(), self.session.tls),
+                     auth=fields.text(self.session.auth_user), event="disconnect")
 
     def shutdown(self) -> None:
         """Stop taking new work: an idle session ends now, a transaction may finish."""
@@ -266,7 +281,8 @@ class SMTPServerProtocol(protocol.Protocol):
         if left > 0:
             self._timer = self.clock.callLater(left, self._idle_check)
             return
-        log.info("timeout client={client}", client=self._client, event="timeout")
+        log.info("timeout session={session} client={client}", session=self._session.session_id,
+                 client=self._client, event="timeout")
         self._send(TIMEOUT)
         self._close()
 
@@ -383,7 +399,8 @@ class SMTPServerProtocol(protocol.Protocol):
             self._flush()
 
     def _internal_error(self, failure: Failure) -> Reply:
-        log.failure("internal error in SMTP session", failure)
+        log.failure("internal error session={session} client={client}", failure,
+                    session=self._session.session_id, client=self._client)
         return TEMP_LOCAL_ERROR
 
     def _pause(self) -> None:
@@ -503,11 +520,11 @@ class SMTPServerProtocol(protocol.Protocol):
         size = mail.params.get("SIZE")
         if size is not None and int(size) > self.settings.max_message_size:
             return self._rejected("mail", Reply(
-                552, "5.3.4", "Message size exceeds fixed maximum message size"))
+                552, "5.3.4", "Message size exceeds fixed maximum message size"), mail=mail)
 
         def decided(refusal: Reply | None) -> Reply:
             if refusal is not None:
-                return self._rejected("mail", refusal)
+                return self._rejected("mail", refusal, mail=mail)
             self.transaction = Transaction(mail)
             sender = str(mail.address) if mail.address else ""
             return Reply(250, "2.1.0", f"Sender <{sender}> OK")
@@ -527,7 +544,7 @@ class SMTPServerProtocol(protocol.Protocol):
 
         def decided(refusal: Reply | None) -> Reply:
             if refusal is not None:
-                return self._rejected("rcpt", refusal)
+                return self._rejected("rcpt", refusal, rcpt=rcpt, transaction=transaction)
             if all(r.address != rcpt.address for r in transaction.recipients):
                 transaction.recipients.append(rcpt)
             return Reply(250, "2.1.5", f"Recipient <{rcpt.address}> OK")
@@ -600,8 +617,9 @@ class SMTPServerProtocol(protocol.Protocol):
             return Reply(454, "4.7.0", "TLS not available due to temporary reason")
         if self._buffer:
             # CVE-2011-0411 class: nothing sent in plaintext may count after TLS.
-            log.info("starttls: discarded {n} pipelined plaintext bytes from {client}",
-                     n=len(self._buffer), client=self._client)
+            log.info("starttls: discarded pipelined plaintext session={session} "
+                     "client={client} bytes={bytes}", session=session.session_id,
+                     client=self._client, bytes=len(self._buffer), event="starttls_discarded")
             self._buffer = b""
         self._send(Reply(220, "2.0.0", "Ready to start TLS"))
         self._flush()  # in plaintext, before the handshake
@@ -609,7 +627,8 @@ class SMTPServerProtocol(protocol.Protocol):
         try:
             self._stream.startTLS(tls_options)
         except Exception:
-            log.failure("starttls failed")
+            log.failure("starttls failed session={session} client={client}",
+                        session=session.session_id, client=self._client)
             self._close()
             return None
         # RFC 3207 4.2: forget everything learnt before the handshake.
@@ -669,13 +688,14 @@ class SMTPServerProtocol(protocol.Protocol):
     def _auth_checked(self, ok: bool, username: str) -> Reply | Deferred[Reply]:
         if ok:
             self._session.auth_user = username
-            log.info("auth client={client} user={user}",
-                     client=self._client, user=username, event="auth")
+            log.info("auth session={session} client={client} user={user}",
+                     session=self._session.session_id, client=self._client,
+                     user=fields.text(username), event="auth")
             return Reply(235, "2.7.0", "Authentication successful")
         self._auth_failures += 1
-        log.info("auth failed client={client} user={user} failures={n}",
-                 client=self._client, user=username, n=self._auth_failures,
-                 event="auth_failed")
+        log.info("auth failed session={session} client={client} user={user} "
+                 "failures={failures}", session=self._session.session_id, client=self._client,
+                 user=fields.text(username), failures=self._auth_failures, event="auth_failed")
         if self._auth_failures >= MAX_AUTH_FAILURES:
             return Reply(421, "4.7.0", "Too many authentication failures", close=True)
         delayed: Deferred[Reply] = Deferred()
@@ -699,10 +719,33 @@ class SMTPServerProtocol(protocol.Protocol):
             session.tls_info = " ".join(info) if info else None
         return session.tls_info
 
-    def _rejected(self, stage: str, reply: Reply) -> Reply:
-        log.info("rejected client={client} stage={stage} reply={reply}",
-                 client=self._client, stage=stage, reply=str(reply),
-                 event="rejected")
+    def _rejected(self, stage: str, reply: Reply, mail: MailArgs | None = None,
+                  rcpt: RcptArgs | None = None,
+                  transaction: Transaction | None = None) -> Reply:
+        """Log a refusal with what is known of it (as Postfix's "NOQUEUE: reject"): the
+        sender being refused or of the transaction, the recipient being refused, or at
+        DATA every recipient of the message."""
+        session = self._session
+        transaction = transaction or self.transaction
+        line = ["rejected session={session} client={client}"]
+        values: dict[str, object] = {"session": session.session_id, "client": self._client}
+        if session.helo is not None:
+            line.append("helo={helo}")
+            values["helo"] = fields.text(session.helo)
+        if mail is None and transaction is not None:
+            mail = transaction.mail
+        if mail is not None:
+            line.append("from={sender}")
+            values["sender"] = fields.address(str(mail.address) if mail.address else "")
+        if rcpt is not None:
+            line.append("to={rcpt}")
+            values["rcpt"] = fields.address(str(rcpt.address))
+        elif stage == "data" and transaction is not None:
+            line.append("rcpts={rcpts}")
+            values["rcpts"] = fields.addresses(str(r.address) for r in transaction.recipients)
+        line.append("stage={stage} reply={reply}")
+        log.info(" ".join(line), stage=stage, reply=fields.text(str(reply)), event="rejected",
+                 **values)
         self.metrics.message_rejected(stage, reply.code, reply.enhanced)
         return reply
 
@@ -735,13 +778,14 @@ class SMTPServerProtocol(protocol.Protocol):
         reader, message = self._reader, self._message
         assert reader is not None and message is not None  # still in DATA until now
         self._reader = self._message = None
+        transaction = self.transaction
         self._reset_transaction()
         problem = reader.problem
         if problem is None and reader.received_headers > self.settings.max_hops:
             problem = Reply(554, "5.4.6", "Too many hops (mail loop?)")
         if problem is not None:
             message.abort()
-            return self._rejected("data", problem)
+            return self._rejected("data", problem, transaction=transaction)
         return message.commit()
 
     def _abort_message(self) -> None:

@@ -31,6 +31,7 @@ from relaygw.daemon.workers.process import (
     encode_event,
 )
 from relaygw.envelope import Envelope, EnvelopeRecipient
+from relaygw.observe import fields
 from relaygw.observe.logs import event_as_dict
 from relaygw.observe.metrics import Metrics
 from relaygw.queue.state import QueueState
@@ -71,10 +72,24 @@ def test_encode_event_keeps_plain_values_and_stringifies_the_rest():
     raw = encode_event(event)
     assert json.loads(raw) == {
         "log_level": "warn", "log_namespace": "relaygw.smtp.server",
-        "log_format": "connect client={client} port={port}", "log_time": 1700000000.25,
+        "log_format": "{log_text}", "log_text": "connect client=127.0.0.1 port=41000",
+        "log_time": 1700000000.25,
         "client": "127.0.0.1", "port": 41000, "tls": False, "ratio": 0.5, "auth": None,
         "thing": "<unprintable thing>", "data": "b'bytes'", "pair": "(1, 2)", "event": "connect",
     }
+
+
+def test_encode_event_carries_the_text_form_of_the_values_and_masks_secrets():
+    # A quoted reply and a bracketed address are plain strings once they are JSON: the
+    # worker sends the formatted text beside them.
+    event = {"log_format": "rejected from={sender} reply={reply} password={password}",
+             "sender": fields.address(""), "reply": fields.text("554 5.7.1 Relay denied"),
+             "password": "hunter2", "log_namespace": "relaygw.smtp.server"}
+    decoded = json.loads(encode_event(event))
+    assert decoded["log_text"] == ('rejected from=<> reply="554 5.7.1 Relay denied" '
+                                   'password=[redacted]')
+    assert (decoded["sender"], decoded["reply"]) == ("", "554 5.7.1 Relay denied")
+    assert formatEvent({**decoded, "log_level": LogLevel.info}) == decoded["log_text"]
 
 
 @pytest.mark.parametrize("level", ["debug", "info", "warn", "error", "critical"])
@@ -94,7 +109,7 @@ def test_encode_event_carries_a_failure_as_text_on_one_line():
     assert decoded["log_failure_text"] == failure.getTraceback()
     assert decoded["log_failure_text"].startswith("Traceback")
     assert "ZeroDivisionError" in decoded["log_failure_text"]
-    assert decoded["log_format"] == "boom\nsecond line"
+    assert (decoded["log_format"], decoded["log_text"]) == ("{log_text}", "boom\nsecond line")
     assert decoded["text"] == "a\r\nb\u2028c\udcff"
 
 
@@ -111,11 +126,12 @@ def test_encode_event_survives_a_failure_that_cannot_render():
 def test_forward_log_uses_the_channel_or_stderr(capsys):
     forward = _ForwardLog()
     forward({"log_level": LogLevel.info, "log_format": "early"})
-    assert capsys.readouterr().err == '{"log_level":"info","log_format":"early"}\n'
+    assert capsys.readouterr().err == \
+        '{"log_level":"info","log_format":"{log_text}","log_text":"early"}\n'
     sent = []
     forward.channel = SimpleNamespace(connected=True, send=lambda k, p: sent.append((k, p)))
     forward({"log_level": LogLevel.info, "log_format": "late"})
-    assert sent == [(b"L", b'{"log_level":"info","log_format":"late"}')]
+    assert sent == [(b"L", b'{"log_level":"info","log_format":"{log_text}","log_text":"late"}')]
     assert capsys.readouterr().err == ""
 
 
@@ -452,8 +468,8 @@ def test_per_client_cap_is_enforced_by_the_main_process(events):
     assert sum(len(w.conns) for w in pool.workers) == 3
     refusals = [e for e in events if e.get("event") == "refused"]
     assert [formatEvent(e) for e in refusals] == [
-        "connection refused client=127.0.0.1 reply=421 4.7.0 Too many connections "
-        "from your address"]
+        'connection refused client=127.0.0.1 reply="421 4.7.0 Too many connections '
+        'from your address"']
     # One ends: a new connection from the same address is taken.
     w = next(w for w in pool.workers if w.conns)
     w.channel.lineReceived(b"X %d" % next(iter(w.conns)))
@@ -505,7 +521,7 @@ def test_a_dead_worker_releases_its_connections_and_is_started_again(events):
     assert p.counter.total == 1
     died = [e for e in events if e.get("event") == "worker_died"]
     assert [formatEvent(e) for e in died] == [
-        "worker 0 pid=1001 ended unexpectedly: exit code None, signal 9"]
+        "worker 0 pid=1001 ended unexpectedly: exit_code=none signal=9"]
     assert died[0]["log_level"] == LogLevel.error
     assert w0.exited.called
     # The slot came back; meanwhile the surviving worker takes the clients.
@@ -612,7 +628,7 @@ def test_metric_events_from_a_worker_reach_the_main_registry():
     assert samples[("relaygw_messages_accepted_total", ())] == 2
     assert samples[("relaygw_messages_accepted_bytes_total", ())] == 123
     assert samples[("relaygw_messages_rejected_total",
-                    (("stage", "rcpt"), ("code", "554"), ("reason", "5.7.1")))] == 1
+                    (("stage", "rcpt"), ("code", "554"), ("enhanced_status", "5.7.1")))] == 1
     assert samples[("relaygw_tls_inbound_total", (("version", "TLSv1.3"),))] == 1
     assert not any(name == "relaygw_deliveries_total" for name, _ in samples)
 

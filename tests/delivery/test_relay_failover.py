@@ -389,3 +389,25 @@ def test_an_mx_on_our_address_but_another_port_is_not_this_host(tmp_path, networ
     r = Relay(make_config(tmp_path, ["a.example"], mx_port=25), resolver)
     assert r.deliver("mx") == [ok("127.0.0.1", "mx.remote.example")] * 2
     assert network.connects == ["127.0.0.1"]
+
+
+# -- log lines --------------------------------------------------------------------------
+
+
+def test_the_delivery_lines_about_a_message_carry_its_queue_id(tmp_path, network):
+    from twisted.logger import capturedLogs, formatEvent
+
+    r = Relay(make_config(tmp_path, ["a.example"]), Resolver({"a.example": ["192.0.2.1"]}))
+    network.down["192.0.2.1"] = "Connection refused"
+    with capturedLogs() as events:
+        for _ in range(FAILURES_TO_OPEN):
+            r.deliver()
+    lines = [formatEvent(e) for e in events]
+    unusable = ('delivery: host unusable id=1A0000000000ABCDE relay=a.example[192.0.2.1]:25 '
+                'reply="4.4.1 connection refused/failed: Connection refused"')
+    assert lines == [unusable] * FAILURES_TO_OPEN + [
+        f"delivery: circuit open id=1A0000000000ABCDE host=a.example:25 "
+        f"failures={FAILURES_TO_OPEN} skip_seconds={round(OPEN_FOR)}"]
+    assert [e["event"] for e in events] == ["host_unusable"] * FAILURES_TO_OPEN + [
+        "circuit_open"]
+    assert all(e["queue_id"] == "1A0000000000ABCDE" for e in events)

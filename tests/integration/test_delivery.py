@@ -105,7 +105,7 @@ def test_4xx_smarthost_is_retried_until_it_accepts(daemon, capture):
     assert wait_until(lambda: daemon.queued() == [])
     logs = daemon.logs()
     assert logs.count(f"attempt id={queue_id}") == 3
-    assert logs.count("status=deferred reply=451 4.3.0 try again later") == 2
+    assert logs.count('status=deferred reply="451 4.3.0 try again later"') == 2
 
 
 def test_5xx_produces_exactly_one_bounce(daemon, capture):

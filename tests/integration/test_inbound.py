@@ -219,7 +219,7 @@ def test_restart_cleans_leftovers_and_quarantines_unreadable_files(daemon):
     assert [p.name for p in (daemon.spool / "corrupt").iterdir()] == ["BROKEN"]
     logs = daemon.logs()
     assert "spool: removed incomplete file" in logs and "1234HALF" in logs
-    assert "moved unreadable message BROKEN" in logs
+    assert "moved unreadable message id=BROKEN" in logs
 
 
 def test_acknowledged_message_survives_kill_9(daemon):

@@ -336,8 +336,8 @@ def test_per_client_cap_is_daemon_wide(daemon):
     finally:
         first.close()
         second.close()
-    assert "connection refused client=127.0.0.1 reply=421 4.7.0 Too many connections from " \
-           "your address" in daemon.logs()
+    assert 'connection refused client=127.0.0.1 reply="421 4.7.0 Too many connections from ' \
+           'your address"' in daemon.logs()
 
 
 def test_total_cap_is_daemon_wide(daemon):
@@ -370,8 +370,7 @@ def test_a_killed_worker_is_replaced_and_its_slots_come_back(daemon):
     os.kill(victim, signal.SIGKILL)
     assert on_victim.recv(100) == b""  # its sessions die with it
     on_victim.close()
-    died = (f"worker {victim_index} pid={victim} ended unexpectedly: exit code None, "
-            f"signal 9")
+    died = f"worker {victim_index} pid={victim} ended unexpectedly: exit_code=none signal=9"
     wait_until(lambda: died in daemon.logs(), what=repr(died), detail=daemon.logs)
     # The victim's slot is free: one more connection is taken, then the cap holds.
     extra = _greeted_or_none(daemon.port)
@@ -644,5 +643,5 @@ def test_a_message_stored_but_not_reported_by_a_dead_worker_is_still_delivered(d
     ((mail_from, rcpts, delivered),) = sink.wait_for(1, timeout=45)
     assert (mail_from, rcpts, delivered) == ("a@local.example", ["b@remote.example"], content)
     assert wait_until(lambda: daemon.queued() == [])
-    assert (f"queued {queue_id}, which a worker stored but did not report before it died"
+    assert (f"queued id={queue_id}, which a worker stored but did not report before it died"
             in daemon.logs())

@@ -23,14 +23,17 @@ from twisted.python.reflect import namedAny
 from twisted.scripts import twistd
 
 import relaygw.observe.logs
+from relaygw.observe import fields
 from relaygw.observe.logs import (
     configure_twistd,
     event_as_dict,
+    is_noise,
     json_logger,
     json_observer,
     observer_for,
     redact,
 )
+from tests.support.log_lines import assert_json_has_the_text_fields, split_text_line
 
 SMTP = "relaygw.smtp.server"
 MAILLOG = "relaygw.maillog"
@@ -60,41 +63,58 @@ def emitted(namespace: str, emit: Any) -> list[dict[str, Any]]:
 # -- representative events, exactly -----------------------------------------------------------
 
 def test_inbound_session_events() -> None:
+    # The calls of relaygw.smtp.server and relaygw.receive.cleanup, as written there.
     def emit(log: Logger) -> None:
-        log.info("connect client={client} port={port} tls={tls}",
-                 client="192.0.2.7", port=40000, tls=False, event="connect")
-        log.info("auth client={client} user={user}", client="192.0.2.7", user="alice",
-                 event="auth")
-        log.info("rejected client={client} stage=rcpt reply={reply}", client="192.0.2.7",
-                 stage="rcpt", reply="550 5.7.1 Relaying denied", event="rejected")
-        log.info("accepted id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} "
-                 "client={client} tls={tls} auth={auth}",
-                 queue_id="4XYZ0001", sender="a@example.org", size=2048, nrcpt=2,
-                 client="192.0.2.7", tls="TLSv1.3 TLS_AES_256_GCM_SHA384", auth="alice",
-                 event="accepted")
-        log.info("disconnect client={client} tls={tls} auth={auth}",
-                 client="192.0.2.7", tls=None, auth=None, event="disconnect")
-        log.info("timeout client={client}", client="192.0.2.7", event="timeout")
+        log.info("connect session={session} client={client} port={port} tls={tls}",
+                 session="5e55104a11ce", client="192.0.2.7", port=40000, tls=fields.NONE,
+                 event="connect")
+        log.info("auth session={session} client={client} user={user}", session="5e55104a11ce",
+                 client="192.0.2.7", user=fields.text("alice"), event="auth")
+        log.info("rejected session={session} client={client} helo={helo} from={sender} "
+                 "to={rcpt} stage={stage} reply={reply}", session="5e55104a11ce",
+                 client="192.0.2.7", helo=fields.text("client.example"),
+                 sender=fields.address("a@example.org"), rcpt=fields.address("c@elsewhere.example"),
+                 stage="rcpt", reply=fields.text("554 5.7.1 Relay access denied"),
+                 event="rejected")
+        log.info("accepted id={queue_id} session={session} from={sender} size={size} "
+                 "nrcpt={nrcpt} message_id={message_id} client={client} tls={tls} auth={auth}",
+                 queue_id="4XYZ0001", session="5e55104a11ce", sender=fields.address(""),
+                 size=2048, nrcpt=2, message_id=fields.text("<1@client.example>"),
+                 client="192.0.2.7", tls=fields.tls("TLSv1.3 TLS_AES_256_GCM_SHA384"),
+                 auth=fields.text("alice"), event="accepted")
+        log.info("disconnect session={session} client={client} tls={tls} auth={auth}",
+                 session="5e55104a11ce", client="192.0.2.7", tls=fields.tls(None),
+                 auth=fields.text(None), event="disconnect")
+        log.info("timeout session={session} client={client}", session="5e55104a11ce",
+                 client="192.0.2.7", event="timeout")
 
     assert emitted(SMTP, emit) == [
         {"level": "info", "namespace": SMTP, "event": "connect",
-         "message": "connect client=192.0.2.7 port=40000 tls=False",
-         "client": "192.0.2.7", "port": 40000, "tls": False},
+         "message": "connect session=5e55104a11ce client=192.0.2.7 port=40000 tls=none",
+         "session": "5e55104a11ce", "client": "192.0.2.7", "port": 40000, "tls": "none"},
         {"level": "info", "namespace": SMTP, "event": "auth",
-         "message": "auth client=192.0.2.7 user=alice", "client": "192.0.2.7", "user": "alice"},
+         "message": "auth session=5e55104a11ce client=192.0.2.7 user=alice",
+         "session": "5e55104a11ce", "client": "192.0.2.7", "user": "alice"},
         {"level": "info", "namespace": SMTP, "event": "rejected",
-         "message": "rejected client=192.0.2.7 stage=rcpt reply=550 5.7.1 Relaying denied",
-         "client": "192.0.2.7", "stage": "rcpt", "reply": "550 5.7.1 Relaying denied"},
+         "message": "rejected session=5e55104a11ce client=192.0.2.7 helo=client.example "
+                    "from=<a@example.org> to=<c@elsewhere.example> stage=rcpt "
+                    'reply="554 5.7.1 Relay access denied"',
+         "session": "5e55104a11ce", "client": "192.0.2.7", "helo": "client.example",
+         "sender": "a@example.org", "rcpt": "c@elsewhere.example", "stage": "rcpt",
+         "reply": "554 5.7.1 Relay access denied"},
         {"level": "info", "namespace": SMTP, "event": "accepted",
-         "message": "accepted id=4XYZ0001 from=<a@example.org> size=2048 nrcpt=2 "
-                    "client=192.0.2.7 tls=TLSv1.3 TLS_AES_256_GCM_SHA384 auth=alice",
-         "queue_id": "4XYZ0001", "sender": "a@example.org", "size": 2048, "nrcpt": 2,
-         "client": "192.0.2.7", "tls": "TLSv1.3 TLS_AES_256_GCM_SHA384", "auth": "alice"},
+         "message": "accepted id=4XYZ0001 session=5e55104a11ce from=<> size=2048 nrcpt=2 "
+                    "message_id=<1@client.example> client=192.0.2.7 "
+                    "tls=TLSv1.3/TLS_AES_256_GCM_SHA384 auth=alice",
+         "queue_id": "4XYZ0001", "session": "5e55104a11ce", "sender": "", "size": 2048,
+         "nrcpt": 2, "message_id": "<1@client.example>", "client": "192.0.2.7",
+         "tls": "TLSv1.3/TLS_AES_256_GCM_SHA384", "auth": "alice"},
         {"level": "info", "namespace": SMTP, "event": "disconnect",
-         "message": "disconnect client=192.0.2.7 tls=None auth=None",
-         "client": "192.0.2.7", "tls": None, "auth": None},
+         "message": "disconnect session=5e55104a11ce client=192.0.2.7 tls=none auth=none",
+         "session": "5e55104a11ce", "client": "192.0.2.7", "tls": "none", "auth": "none"},
         {"level": "info", "namespace": SMTP, "event": "timeout",
-         "message": "timeout client=192.0.2.7", "client": "192.0.2.7"},
+         "message": "timeout session=5e55104a11ce client=192.0.2.7",
+         "session": "5e55104a11ce", "client": "192.0.2.7"},
     ]
 
 
@@ -102,14 +122,15 @@ def test_maillog_events() -> None:
     # The calls of relaygw.queue.manager, as written there.
     def emit(maillog: Logger) -> None:
         maillog.info(
-            "attempt id={queue_id} to=<{rcpt}> route={route} relay={relay} tls={tls} "
-            "delay={delay:.2f} duration={duration:.2f} status={status} reply={reply}",
-            queue_id="4XYZ0001", rcpt="b@example.net", route="routes[1]",
-            relay="mx.example.net[192.0.2.25]:25", tls="TLSv1.3", delay=1.23456,
-            duration=0.5, status="sent", reply="250 2.0.0 Ok", event="attempt")
-        maillog.info("bounced id={queue_id} dsn={dsn_id} to=<{sender}> rcpts={rcpts}",
-                     queue_id="4XYZ0001", dsn_id="4XYZ0002", sender="a@example.org",
-                     rcpts="c@example.net", event="bounced")
+            "attempt id={queue_id} to={rcpt} route={route} relay={relay} tls={tls} "
+            "delay={delay} duration={duration} status={status} reply={reply}",
+            queue_id="4XYZ0001", rcpt=fields.address("b@example.net"),
+            route=fields.text("routes[1]"), relay=fields.text("mx.example.net[192.0.2.25]:25"),
+            tls=fields.tls("TLSv1.3"), delay=round(1.23456, 2), duration=round(0.5, 2),
+            status="sent", reply=fields.text("250 2.0.0 Ok"), event="attempt")
+        maillog.info("bounced id={queue_id} dsn_id={dsn_id} from={sender} rcpts={rcpts}",
+                     queue_id="4XYZ0001", dsn_id="4XYZ0002", sender=fields.address("a@example.org"),
+                     rcpts=fields.addresses(["c@example.net", "d@example.net"]), event="bounced")
         maillog.info("removed id={queue_id} ({why})", queue_id="4XYZ0001", why="done",
                      event="removed")
 
@@ -117,17 +138,46 @@ def test_maillog_events() -> None:
         {"level": "info", "namespace": MAILLOG, "event": "attempt",
          "message": "attempt id=4XYZ0001 to=<b@example.net> route=routes[1] "
                     "relay=mx.example.net[192.0.2.25]:25 tls=TLSv1.3 delay=1.23 "
-                    "duration=0.50 status=sent reply=250 2.0.0 Ok",
+                    'duration=0.5 status=sent reply="250 2.0.0 Ok"',
          "queue_id": "4XYZ0001", "rcpt": "b@example.net", "route": "routes[1]",
-         "relay": "mx.example.net[192.0.2.25]:25", "tls": "TLSv1.3", "delay": 1.23456,
+         "relay": "mx.example.net[192.0.2.25]:25", "tls": "TLSv1.3", "delay": 1.23,
          "duration": 0.5, "status": "sent", "reply": "250 2.0.0 Ok"},
         {"level": "info", "namespace": MAILLOG, "event": "bounced",
-         "message": "bounced id=4XYZ0001 dsn=4XYZ0002 to=<a@example.org> rcpts=c@example.net",
+         "message": "bounced id=4XYZ0001 dsn_id=4XYZ0002 from=<a@example.org> "
+                    "rcpts=c@example.net,d@example.net",
          "queue_id": "4XYZ0001", "dsn_id": "4XYZ0002", "sender": "a@example.org",
-         "rcpts": "c@example.net"},
+         "rcpts": "c@example.net,d@example.net"},
         {"level": "info", "namespace": MAILLOG, "event": "removed",
          "message": "removed id=4XYZ0001 (done)", "queue_id": "4XYZ0001", "why": "done"},
     ]
+
+
+def test_every_text_pair_is_a_json_field_with_the_same_value() -> None:
+    events: list[dict[str, Any]] = []
+    log = Logger(namespace=SMTP, observer=events.append)
+    log.info("rejected session={session} client={client} helo={helo} from={sender} "
+             "rcpts={rcpts} stage={stage} reply={reply}", session="0123456789ab",
+             client="2001:db8::7", helo=fields.text("[IPv6:2001:db8::7]"),
+             sender=fields.address('"john doe"@example.org'),
+             rcpts=fields.addresses(["b@example.net", "c@example.net"]), stage="data",
+             reply=fields.text('554 5.4.6 Too many hops "loop"\\ \r\n'), event="rejected")
+    text, json_out = io.StringIO(), io.StringIO()
+    for event in events:
+        observer_for("text", text)(dict(event))
+        observer_for("json", json_out)(dict(event))
+    (line,) = text.getvalue().splitlines()
+    (record,) = [json.loads(x) for x in json_out.getvalue().splitlines()]
+    _, message = split_text_line(line)
+    assert message == record["message"]
+    assert message == (
+        'rejected session=0123456789ab client=2001:db8::7 helo=[IPv6:2001:db8::7] '
+        'from="<\\"john doe\\"@example.org>" rcpts=b@example.net,c@example.net stage=data '
+        'reply="554 5.4.6 Too many hops \\"loop\\"\\\\ \\r\\n"')
+    assert assert_json_has_the_text_fields(record) == {
+        "session": "0123456789ab", "client": "2001:db8::7", "helo": "[IPv6:2001:db8::7]",
+        "from": '<"john doe"@example.org>', "rcpts": "b@example.net,c@example.net",
+        "stage": "data", "reply": '554 5.4.6 Too many hops "loop"\\ \r\n'}
+    assert record["sender"] == '"john doe"@example.org'
 
 
 def test_plain_log_lines_failures_and_odd_values() -> None:
@@ -327,15 +377,38 @@ def test_configure_twistd_json_to_the_logfile(tmp_path: Path) -> None:
     observer = factory_of(options)()
     try:
         observer({"log_format": "to file", "log_time": 1.0, "log_level": LogLevel.info})
+        observer({"log_format": "Main loop terminated.", "log_time": 1.0,
+                  "log_level": LogLevel.info, "log_namespace": "twisted.internet.base"})
     finally:
-        observer._outFile.close()
-    assert json.loads(path.read_text())["message"] == "to file"
+        observer.observer._outFile.close()
+    assert [json.loads(line)["message"] for line in path.read_text().splitlines()] == ["to file"]
 
 
-def test_configure_twistd_leaves_text_and_explicit_loggers_alone() -> None:
-    options = server_options()
+def test_configure_twistd_text_to_a_file_is_twistds_own_observer_without_the_noise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    monkeypatch.setattr(signal, "getsignal", lambda _: signal.SIG_IGN)  # leave SIGUSR1 be
+    path = tmp_path / "relaygw.log"
+    options = server_options(logfile=str(path))
     configure_twistd(options, "text")
-    assert options == server_options()
+    assert options == server_options(logfile=str(path),
+                                     logger="relaygw.observe.logs.twistd_own_logger")
+    observer = namedAny(options["logger"])()
+    assert ILogObserver.providedBy(observer)
+    try:
+        for event in ({"log_format": "listening on {address}", "address": "127.0.0.1:25"},
+                      {"log_format": "Main loop terminated.",
+                       "log_namespace": "twisted.internet.base"}):
+            observer({**event, "log_time": 1e9, "log_level": LogLevel.info})
+    finally:
+        observer.observer._outFile.close()
+    # twistd's own line format: namespace#level, as textFileLogObserver writes it.
+    assert path.read_text().endswith("[-#info] listening on 127.0.0.1:25\n")
+    assert "Main loop" not in path.read_text()
+
+
+def test_configure_twistd_leaves_explicit_loggers_alone() -> None:
     options = server_options(logger="relaygw.observe.logs.json_logger")
     configure_twistd(options, "json")
     assert options["logger"] == "relaygw.observe.logs.json_logger"
@@ -369,7 +442,8 @@ Options = _PluginOptions  # this module doubles as the plugin's module for Servi
     (["--nodaemon", "relaygw", "--log-format", "json"], "twistd_json_logger"),
     (["--logfile", "relaygw.log", "relaygw", "--log-format", "json"], "twistd_json_logger"),
     (["--nodaemon", "relaygw"], "twistd_text_logger"),  # text on stdout: the fast formatter
-    (["--logfile", "relaygw.log", "relaygw"], None),  # a text log file: twistd's own (SIGUSR1)
+    # A text log file: twistd's own observer (SIGUSR1 rotation), less the noise.
+    (["--logfile", "relaygw.log", "relaygw"], "twistd_own_logger"),
     (["--nodaemon", "--logger", "relaygw.observe.logs.json_logger", "relaygw",
       "--log-format", "json"], "json_logger"),
 ])
@@ -467,3 +541,74 @@ def test_time_stamps_follow_the_clock_across_seconds() -> None:
 
     for when in (1e9, 1e9 + 0.5, 1e9 + 1.0, 1e9 + 0.9999999, 1e9 + 61.2, 1e9 + 0.1, None, -1.5):
         assert _format_time(when) == formatTime(when)
+
+
+# -- Twisted's noise -------------------------------------------------------------------------
+
+def _twisted_chatter() -> list[dict[str, Any]]:
+    """The lines Twisted itself logs while relaygw starts and stops, made by Twisted's code."""
+    from twisted.application.app import AppLogger
+    from twisted.internet import protocol, tcp, unix
+    from twisted.logger import capturedLogs
+    from twisted.python import log as legacy
+
+    with capturedLogs() as events:
+        AppLogger({})._initialLog()  # "twistd ... starting up." and "reactor class: ..."
+        Logger(namespace="twisted.internet.base").info("Main loop terminated.")
+        factory = protocol.Factory()
+        factory.noisy = True
+        factory.doStart()
+        factory.doStop()
+        port = tcp.Port(0, factory, interface="127.0.0.1")
+        port._realPortNumber = 2525
+        legacy.msg(f"{port._getLogPrefix(factory)} starting on 2525")  # tcp.Port.startListening
+        port._logConnectionLostMsg()
+        unix.Port("/spool/control.sock", factory)._logConnectionLostMsg()
+        legacy.msg("_ControlFactory starting on '/spool/control.sock'")
+        legacy.msg("Starting protocol <twisted.internet.protocol.Protocol object>")
+        Logger(namespace="twisted.internet.base").info("Received SIGTERM, shutting down.")
+        Logger(namespace="relaygw.tap").info("listening on {address} tls={tls} auth={auth}",
+                                             address="127.0.0.1:2525", tls="starttls",
+                                             auth="optional")
+        # A relaygw line and a Twisted error that look like the noise stay.
+        Logger(namespace="relaygw.control").info("Main loop terminated. {x}", x=1)
+        legacy.msg("Site starting on 8080", isError=1)
+        try:
+            1 / 0  # noqa: B018
+        except ZeroDivisionError:
+            legacy.err(None, "Port 25 starting on fire")
+    return events
+
+
+def test_twisteds_noise_is_left_out_of_text_and_json_lines() -> None:
+    events = _twisted_chatter()
+    text, json_out = io.StringIO(), io.StringIO()
+    for event in events:
+        observer_for("text", text)(dict(event))
+        observer_for("json", json_out)(dict(event))
+    messages = [split_text_line(line)[1] for line in text.getvalue().splitlines()
+                if not line.startswith("\t")]
+    assert [json.loads(line)["message"].split("\n")[0]
+            for line in json_out.getvalue().splitlines()] == messages
+    assert [m for m in messages if not m.startswith("twistd ")] == [
+        "Received SIGTERM, shutting down.",
+        "listening on 127.0.0.1:2525 tls=starttls auth=optional",
+        "Main loop terminated. 1",
+        "Site starting on 8080",
+        "Port 25 starting on fire",
+    ]
+    assert messages[0].startswith("twistd ") and messages[0].endswith(" starting up.")
+    assert [is_noise(e) for e in events].count(True) == 9
+
+
+def test_noise_is_recognised_by_twisteds_formats_and_legacy_texts_only() -> None:
+    assert is_noise({"log_format": "Main loop terminated.", "log_namespace": "x"})
+    assert is_noise({"log_format": "{log_text}", "log_text": "(UDP Port 53 Closed)",
+                     "log_namespace": "log_legacy"})
+    assert is_noise({"message": ("Site starting on 9325",), "log_namespace": "log_legacy"})
+    assert not is_noise({"log_format": "{log_text}", "log_text": "(UDP Port 53 Closed)",
+                         "log_namespace": "relaygw.smtp.server"})
+    assert not is_noise({"message": ("Site starting on 9325",), "isError": 1,
+                         "log_namespace": "log_legacy"})
+    assert not is_noise({"message": (), "log_namespace": "log_legacy"})
+    assert not is_noise({"log_format": "Main loop terminated twice."})

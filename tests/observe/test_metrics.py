@@ -99,9 +99,9 @@ def test_counters_and_gauges_after_a_sequence_of_calls() -> None:
     assert value(found, "relaygw_messages_accepted_total") == 2
     assert value(found, "relaygw_messages_accepted_bytes_total") == 3500
     assert value(found, "relaygw_messages_rejected_total",
-                 stage="rcpt", code="550", reason="5.7.1") == 2
+                 stage="rcpt", code="550", enhanced_status="5.7.1") == 2
     assert value(found, "relaygw_messages_rejected_total",
-                 stage="data", code="554", reason="5.4.6") == 1
+                 stage="data", code="554", enhanced_status="5.4.6") == 1
     assert value(found, "relaygw_tls_inbound_total", version="TLSv1.3") == 1
     assert value(found, "relaygw_tls_inbound_total", version="none") == 1
     assert value(found, "relaygw_tls_outbound_total", version="TLSv1.2") == 2
@@ -109,10 +109,10 @@ def test_counters_and_gauges_after_a_sequence_of_calls() -> None:
     deliveries = {labels: v for (name, labels), v in found.items()
                   if name == "relaygw_deliveries_total"}
     assert deliveries == {
-        frozenset({("route", "routes[0]"), ("status", "sent"), ("class", "2")}): 2,
-        frozenset({("route", "routes[1]"), ("status", "deferred"), ("class", "4")}): 1,
-        frozenset({("route", "routes[1]"), ("status", "bounced"), ("class", "5")}): 1,
-        frozenset({("route", "routes[1]"), ("status", "expired"), ("class", "4")}): 1,
+        frozenset({("route", "routes[0]"), ("status", "sent"), ("enhanced_class", "2")}): 2,
+        frozenset({("route", "routes[1]"), ("status", "deferred"), ("enhanced_class", "4")}): 1,
+        frozenset({("route", "routes[1]"), ("status", "bounced"), ("enhanced_class", "5")}): 1,
+        frozenset({("route", "routes[1]"), ("status", "expired"), ("enhanced_class", "4")}): 1,
     }
     assert value(found, "relaygw_queue_messages") == 7
     assert value(found, "relaygw_queue_oldest_message_age_seconds") == 3600.5
@@ -201,9 +201,9 @@ def test_label_values_are_bounded() -> None:
     assert value(found, "relaygw_tls_inbound_total", version="SSLv3") == 1
     assert value(found, "relaygw_tls_outbound_total", version="none") == 1
     assert value(found, "relaygw_deliveries_total",
-                 route="none", status="deferred", **{"class": "unknown"}) == 2
+                 route="none", status="deferred", enhanced_class="unknown") == 2
     assert value(found, "relaygw_messages_rejected_total",
-                 stage="mail", code="530", reason="none") == 1
+                 stage="mail", code="530", enhanced_status="none") == 1
     assert value(found, "relaygw_connections_open", listener="127.0.0.1:25") == 0
 
 

@@ -69,7 +69,7 @@ def test_smarthost_without_starttls_and_tls_require_is_deferred(daemon, capture)
     lines = wait_until(lambda: attempts(daemon, queue_id)[1:], timeout=20,
                        what="a second attempt logged", detail=daemon.logs)
     for line in lines:
-        assert "status=deferred" in line and "reply=4.7." in line, line
+        assert "status=deferred" in line and 'reply="4.7.' in line, line
     assert daemon.queued() == [queue_id]
     assert sink.messages == []
 
@@ -154,7 +154,7 @@ def test_connection_dropped_mid_data_is_deferred_then_delivered_once(daemon, cap
     assert code == 250, text
     queue_id = queue_id_of(text)
     (line,) = wait_until(lambda: attempts(daemon, queue_id), timeout=20)
-    assert "status=deferred" in line and "reply=4." in line, line
+    assert "status=deferred" in line and 'reply="4.' in line, line
     assert drop_server.body_bytes_seen > 0
     assert daemon.queued() == [queue_id]
 

@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from relaygw.config import ListenerConfig
 from relaygw.daemon.listeners import BindingService, ListenError
 from relaygw.daemon.workers.channel import MAX_LINE, METRIC_EVENTS, ChannelFactory
+from relaygw.observe import fields
 from relaygw.observe.null import NullMetrics
 from relaygw.queue.store import StoredMessage
 from relaygw.smtp.replies import Reply
@@ -377,9 +378,10 @@ class WorkerPool(service.Service):
         if expected and code == 0:
             log.info("worker {index} exited", index=worker.index, event="worker_exited")
         else:
-            log.error("worker {index} pid={pid} ended unexpectedly: exit code {code}, "
-                      "signal {signal}", index=worker.index, pid=worker.pid,
-                      code=code, signal=signal_number, event="worker_died")
+            log.error("worker {index} pid={pid} ended unexpectedly: exit_code={exit_code} "
+                      "signal={signal}", index=worker.index, pid=worker.pid,
+                      exit_code=fields.text(code), signal=fields.text(signal_number),
+                      event="worker_died")
         worker.exited.callback(None)
         self.update_reading()
         if not expected and self.on_worker_died is not None:
@@ -489,7 +491,7 @@ class WorkerPool(service.Service):
                 "max_connections" if self.counter.total >= self.counter.max_total
                 else "max_connections_per_client")
             log.info("connection refused client={client} reply={reply}", client=host,
-                     reply=str(refusal), event="refused")
+                     reply=fields.text(str(refusal)), event="refused")
             _refuse(conn, refusal)
             return
         worker = self._choose(listener.address)

@@ -39,7 +39,7 @@ from relaygw.config import Config
 from relaygw.daemon import wiring
 from relaygw.daemon.gc_tuning import quiet_garbage_collector
 from relaygw.daemon.workers.channel import MAX_LINE, ChannelFactory
-from relaygw.observe.logs import FORMATS, observer_for
+from relaygw.observe.logs import FORMATS, message_text, observer_for, quiet
 from relaygw.observe.null import NullMetrics
 from relaygw.queue.service import FREE_SPACE_INTERVAL
 from relaygw.queue.store import StoredMessage
@@ -52,10 +52,16 @@ PR_SET_PDEATHSIG = 1
 
 
 def encode_event(event: LogEvent) -> bytes:
-    """A log event as one JSON line: what the main process's observers need."""
+    """A log event as one JSON line: what the main process's observers need.
+
+    The message is formatted here: a value's text form (a quoted reply, an address
+    in brackets; ``relaygw.observe.fields``) is lost once it is a JSON string, so
+    the main process is given the text, as ``{log_text}``, beside the plain fields.
+    """
     out: dict[str, Any] = {}
     for key, value in event.items():
-        if key in ("log_logger", "log_source", "log_failure", "log_io", "log_trace"):
+        if key in ("log_logger", "log_source", "log_failure", "log_io", "log_trace",
+                   "log_format", "log_text"):
             continue
         if key == "log_level":
             out[key] = getattr(value, "name", "info")
@@ -63,6 +69,8 @@ def encode_event(event: LogEvent) -> bytes:
             out[key] = value
         else:
             out[key] = str(value)
+    out["log_format"] = "{log_text}"
+    out["log_text"] = message_text(event)
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         try:
@@ -322,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     observer: ILogObserver = logger
     if args.log_stdout is not None:
         observer = _Direct(observer_for(args.log_stdout, sys.stdout), args.index, logger)
-    globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([quiet(observer)], discardBuffer=True,
+                                     redirectStandardIO=False)
     from twisted.internet import reactor as global_reactor
 
     # The global reactor's declared type is a narrow interface; it is a full reactor.
