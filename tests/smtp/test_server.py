@@ -533,6 +533,29 @@ def test_authenticated_untrusted_client_may_relay(harness):
         "250 2.1.5 Recipient <x@anywhere.example> OK"]
 
 
+def test_a_bound_user_may_use_only_its_senders(harness):
+    harness.auth = {"senders": {"alice": ["alice@c.example", "*@team.c.example"]}}
+    s = tls_session(harness, client_ip="192.0.2.9")
+    s.send("AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n")
+    assert raw(s, "MAIL FROM:<ceo@c.example>\r\n") == (
+        b"553 5.7.1 Sender address <ceo@c.example> not allowed for user alice\r\n")
+    assert raw(s, "MAIL FROM:<Alice@C.Example>\r\n") == (
+        b"250 2.1.0 Sender <Alice@c.example> OK\r\n")
+    s.send("RSET\r\n")
+    assert s.send("MAIL FROM:<x@team.c.example>\r\n") == ["250 2.1.0 Sender <x@team.c.example> OK"]
+    s.send("RSET\r\n")
+    assert s.send("MAIL FROM:<>\r\n") == ["250 2.1.0 Sender <> OK"]
+
+
+def test_a_user_not_listed_and_an_anonymous_client_may_use_any_sender(harness):
+    harness.auth = {"senders": {"bob": ["bob@c.example"]}}
+    s = tls_session(harness)
+    assert s.send("MAIL FROM:<ceo@c.example>\r\n") == ["250 2.1.0 Sender <ceo@c.example> OK"]
+    s.send("RSET\r\n")
+    s.send("AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n")
+    assert s.send("MAIL FROM:<ceo@c.example>\r\n") == ["250 2.1.0 Sender <ceo@c.example> OK"]
+
+
 def test_bare_auth_is_a_syntax_error(harness):
     s = tls_session(harness)
     assert s.send("AUTH\r\n") == ["501 5.5.4 Syntax: AUTH mechanism [initial-response]"]
