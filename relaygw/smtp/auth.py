@@ -443,10 +443,11 @@ class Authenticator:
     """Checks credentials against the users file without blocking the reactor.
 
     With ``source`` (the users file), a check first looks whether the file changed (its
-    inode, size, mtime or ctime; at most once every ``RECHECK_INTERVAL`` seconds) and then
-    re-reads it, all in the pool's thread, so users set with ``relaygw passwd`` work without
-    a reload. A changed file that cannot be read or parsed leaves the users read before in
-    force, with a warning; it is tried again once it changes again.
+    inode, size, mtime or ctime; at most once every ``RECHECK_INTERVAL`` seconds, and again
+    after any failed check) and then re-reads it, all in the pool's thread, so users set
+    with ``relaygw passwd`` work without a reload. A changed file that cannot be read or
+    parsed leaves the users read before in force, with a warning; it is tried again once it
+    changes again.
     """
 
     def __init__(
@@ -488,10 +489,18 @@ class Authenticator:
     # -- in the pool's threads ---------------------------------------------------------
 
     def _refresh_and_verify(self, username: str, password: str) -> tuple[bool, _Note | None]:
-        change = self._refresh()
-        return self._verify(username, password), change
+        note = self._refresh()
+        ok = self._verify(username, password)
+        if not ok and note is None:
+            # A user added, or a password changed, less than a second ago must work at
+            # once: look again. A failure has already paid for a scrypt, a stat is nothing.
+            before = self._users
+            note = self._refresh(force=True)
+            if self._users is not before:
+                ok = self._verify(username, password)
+        return ok, note
 
-    def _refresh(self) -> _Note | None:
+    def _refresh(self, force: bool = False) -> _Note | None:
         """Re-read the users file if it changed; what to log about it (the reactor thread
         logs it: log observers write files and are not made for threads), or None."""
         source = self._source
@@ -499,7 +508,7 @@ class Authenticator:
             return None
         with self._lock:
             now = self._clock()
-            if now - self._checked_at < RECHECK_INTERVAL:
+            if now - self._checked_at < RECHECK_INTERVAL and not force:
                 return None
             self._checked_at = now
             try:

@@ -180,11 +180,13 @@ def test_a_user_added_with_relaygw_passwd_authenticates_without_a_reload(daemon,
     mode = os.stat(users).st_mode
 
     def login(name: str, password: str) -> tuple[int, bytes]:
+        """One AUTH PLAIN (smtplib's login() would try LOGIN after a failure)."""
         with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as smtp:
             smtp.starttls(context=tls_context(daemon))
             smtp.ehlo()
+            smtp.user, smtp.password = name, password
             try:
-                return smtp.login(name, password)
+                return smtp.auth("PLAIN", smtp.auth_plain)
             except smtplib.SMTPAuthenticationError as e:
                 return e.smtp_code, e.smtp_error
 

@@ -510,13 +510,13 @@ def test_authenticator_rereads_the_users_file_when_it_changes(
     authenticator = Authenticator(load_users(path), threadpool, reactor, source=path,
                                   clock=clock)
     assert (yield authenticator.check(Credentials("alice", "alice-pw"))) is True
-    # A user added as `relaygw passwd` adds one: a new file renamed into place.
+    # A user added as `relaygw passwd` adds one: a new file renamed into place. Less
+    # than a second after the last look, the failed check looks again at once.
     set_password(path, "bob", "bob-pw")
-    clock.now += 0.5  # looked at less than a second ago: not yet
-    assert (yield authenticator.check(Credentials("bob", "bob-pw"))) is False
     clock.now += 0.5
     assert (yield authenticator.check(Credentials("bob", "bob-pw"))) is True
     assert (yield authenticator.check(Credentials("alice", "alice-pw"))) is True
+    assert (yield authenticator.check(Credentials("bob", "wrong"))) is False
 
     # A broken file keeps the users read before; once fixed, it is read again.
     good = path.read_text()
@@ -552,10 +552,12 @@ def test_authenticator_stats_the_file_at_most_once_a_second(
 
     monkeypatch.setattr(os, "stat", recording_stat)
     for _ in range(5):
-        yield authenticator.check(Credentials("alice", "alice-pw"))
+        assert (yield authenticator.check(Credentials("alice", "alice-pw"))) is True
     clock.now += 1
-    yield authenticator.check(Credentials("alice", "alice-pw"))
+    assert (yield authenticator.check(Credentials("alice", "alice-pw"))) is True
     assert looks == [False, False]  # twice, never on the reactor thread
+    assert (yield authenticator.check(Credentials("alice", "wrong"))) is False
+    assert looks == [False, False, False]  # a failure looks again, at once
 
 
 @pytest_twisted.inlineCallbacks
