@@ -529,7 +529,7 @@ class Authenticator:
             try:
                 users = load_users(source)
             except UsersFileError as e:
-                return _Note(True, f"auth: {source} changed but cannot be used; keeping the "
+                return _Note(True, f"auth: cannot re-read {source}; keeping the "
                              f"{len(self._users)} user(s) read before: "
                              + "; ".join(e.problems))
             if first and users == dict(self._users):

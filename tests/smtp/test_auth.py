@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.smtp import auth
@@ -522,16 +523,26 @@ def test_authenticator_rereads_the_users_file_when_it_changes(
     good = path.read_text()
     path.write_text(good + "garbage\n")
     clock.now += 1
-    assert (yield authenticator.check(Credentials("bob", "bob-pw"))) is True
+    with capturedLogs() as broken:
+        assert (yield authenticator.check(Credentials("bob", "bob-pw"))) is True
     path.write_text(f"carol:{hash_password('carol-pw', **FAST)}\n")
     clock.now += 1
-    assert (yield authenticator.check(Credentials("carol", "carol-pw"))) is True
+    with capturedLogs() as fixed:
+        assert (yield authenticator.check(Credentials("carol", "carol-pw"))) is True
     assert (yield authenticator.check(Credentials("bob", "bob-pw"))) is False
 
     # A removed file keeps them too.
     path.unlink()
     clock.now += 1
-    assert (yield authenticator.check(Credentials("carol", "carol-pw"))) is True
+    with capturedLogs() as removed:
+        assert (yield authenticator.check(Credentials("carol", "carol-pw"))) is True
+    assert [(e["log_level"], formatEvent(e)) for e in broken + fixed + removed] == [
+        (LogLevel.warn, f"auth: cannot re-read {path}; keeping the 2 user(s) read before: "
+                        f"{path}: line 3: expected name:hash"),
+        (LogLevel.info, f"auth: {path} re-read: 1 user(s)"),
+        (LogLevel.warn, f"auth: cannot look at {path}: No such file or directory; keeping "
+                        "the 1 user(s) read before"),
+    ]
 
 
 @pytest_twisted.inlineCallbacks
