@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEB_PACKAGES := postfix swaks testssl.sh nmap sasl2-bin libsasl2-modules
+DEB_PACKAGES := postfix swaks testssl.sh nmap sasl2-bin libsasl2-modules s-nail
 
 .PHONY: run test lint venv system-deps bench clean
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian packages used as real peers in tests (smtp-sink, smtp-source, swaks).
+# Debian packages used as real peers in tests (smtp-sink, smtp-source, swaks, s-nail).
 system-deps:
 	@missing=""; \
 	command -v smtp-sink >/dev/null 2>&1 || missing="$$missing postfix"; \
@@ -23,6 +23,7 @@ system-deps:
 	command -v testssl >/dev/null 2>&1 || missing="$$missing testssl.sh"; \
 	command -v nmap >/dev/null 2>&1 || missing="$$missing nmap"; \
 	command -v saslpasswd2 >/dev/null 2>&1 || missing="$$missing sasl2-bin"; \
+	command -v s-nail >/dev/null 2>&1 || missing="$$missing s-nail"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \

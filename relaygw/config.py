@@ -135,6 +135,16 @@ class AccessConfig:
 @dataclass(frozen=True)
 class AuthConfig:
     users_file: Path | None = None
+    # user -> the sender address patterns that user may use at MAIL FROM; a user not
+    # listed may use any. Pairs, not a dict, so that the Config stays hashable.
+    senders: tuple[tuple[str, tuple[Pattern, ...]], ...] = ()
+
+    def allowed_senders(self, user: str) -> tuple[Pattern, ...] | None:
+        """The patterns ``[auth] senders`` binds ``user`` to; None when it binds none."""
+        for name, patterns in self.senders:
+            if name == user:
+                return patterns
+        return None
 
 
 @dataclass(frozen=True)
@@ -282,9 +292,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
     server = _server(r, r.table(data, "server", ""))
     tls = _tls(r, r.table(data, "tls", ""))
     access = _access(r, r.table(data, "access", ""))
-    auth_table = r.table(data, "auth", "")
-    r.keys(auth_table, "auth", ("users_file",))
-    auth = AuthConfig(r.string(auth_table, "users_file", "auth", None, r.path))
+    auth = _auth(r, r.table(data, "auth", ""))
     listeners = _listeners(r, data, auth)
     smarthosts = _smarthosts(r, r.table(data, "smarthosts", ""))
     aliases = _aliases(r, r.table(data, "aliases", ""))
@@ -488,6 +496,23 @@ def _both_or_neither(r: _Reader, t: dict[str, Any], path: str, first: str, secon
     if (first in t) != (second in t):
         given, missing = (first, second) if first in t else (second, first)
         r.error(_sub(path, missing), f"required when {_sub(path, given)} is set")
+
+
+def _auth(r: _Reader, t: dict[str, Any]) -> AuthConfig:
+    r.keys(t, "auth", ("users_file", "senders"))
+    users_file = r.string(t, "users_file", "auth", None, r.path)
+    table = r.table(t, "senders", "auth")
+    senders = []
+    for user in table:
+        where = _sub("auth.senders", user)
+        if not user or _CONTROL_OR_SPACE.search(user) or ":" in user:
+            r.error(where, "not a user name the users file can hold")
+            continue
+        patterns = r.each(table, user, "auth.senders", _pattern, nonempty=True)
+        senders.append((user, patterns or ()))
+    if senders and users_file is None:
+        r.warn("auth.senders", "has no effect without auth.users_file")
+    return AuthConfig(users_file, tuple(senders))
 
 
 def _listeners(r: _Reader, data: dict[str, Any], auth: AuthConfig) -> tuple[ListenerConfig, ...]:

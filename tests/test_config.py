@@ -559,6 +559,54 @@ def test_auth_required_needs_users_file() -> None:
     assert config.auth.users_file == BASE_DIR / "users"
 
 
+def test_auth_senders_bind_users_to_address_patterns() -> None:
+    config = parse(LISTENER + r"""
+[auth]
+users_file = "users"
+[auth.senders]
+alice = ["alice@example.org", 're:^alice\+.*@example\.org$']
+"bob@example.org" = ["*@example.org"]
+""")
+    alice = config.auth.allowed_senders("alice")
+    assert alice is not None
+    assert [p.text for p in alice] == ["alice@example.org", r"re:^alice\+.*@example\.org$"]
+    assert alice[0].matches("Alice@Example.ORG") and not alice[0].matches("bob@example.org")
+    assert [p.text for p in config.auth.allowed_senders("bob@example.org") or ()] == [
+        "*@example.org"]
+    assert config.auth.allowed_senders("carol") is None  # not listed: any sender
+    assert parse(LISTENER).auth.senders == ()
+    assert config.warnings == ()
+
+
+def test_auth_senders_errors_name_the_key() -> None:
+    assert problems(LISTENER + """
+[auth]
+users_file = "users"
+[auth.senders]
+alice = ["", "re:(", 5]
+bob = "bob@example.org"
+carol = []
+"d:ave" = ["*"]
+"e ve" = ["*"]
+""") == [
+        "auth.senders.alice[0]: must not be empty",
+        "auth.senders.alice[1]: invalid regular expression: missing ), unterminated "
+        "subpattern at position 0",
+        "auth.senders.alice[2]: must be a string (got 5)",
+        'auth.senders.bob: must be a list of strings (got "bob@example.org")',
+        "auth.senders.carol: must not be empty",
+        'auth.senders."d:ave": not a user name the users file can hold',
+        'auth.senders."e ve": not a user name the users file can hold',
+    ]
+    assert problems(LISTENER + '[auth]\nsenders = ["alice"]\n') == [
+        'auth.senders: must be a table (got ["alice"])']
+
+
+def test_auth_senders_without_a_users_file_warns() -> None:
+    config = parse(LISTENER + '[auth.senders]\nalice = ["alice@example.org"]\n')
+    assert config.warnings == ("auth.senders: has no effect without auth.users_file",)
+
+
 # -- access ----------------------------------------------------------------------------------
 
 def test_access_values() -> None:

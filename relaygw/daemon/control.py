@@ -11,9 +11,9 @@ Commands and their arguments:
 ``queue.list``     sender, recipient_domain, route, older_than (all optional filters,
                    see :func:`relaygw.queue.inspect.matches`) → list of summaries
 ``queue.show``     id, body (bool) → details
-``queue.flush``    ids (list) or all (true) → ids flushed
-``queue.hold``, ``queue.release``, ``queue.delete``, ``queue.bounce``
-                   ids (non-empty list) → ids acted on
+``queue.flush``, ``queue.hold``, ``queue.release``, ``queue.delete``, ``queue.bounce``
+                   ids (non-empty list), or all (true) with the filters of queue.list
+                   (every message that queue.list would show) → ids acted on
 ``reload``         (none) → {"config": path or null, "problems": [...]}
 
 The server runs in the daemon's reactor (:class:`ControlService`); the client (:func:`call`)
@@ -41,7 +41,14 @@ from twisted.python.failure import Failure
 
 from relaygw.delivery.courier import MessageContent
 from relaygw.observe import fields
-from relaygw.queue.inspect import details, matches, parse_age, read_content, summarise
+from relaygw.queue.inspect import (
+    check_route,
+    details,
+    matches,
+    parse_age,
+    read_content,
+    summarise,
+)
 from relaygw.queue.manager import QueuedMessage, UnknownMessage
 from relaygw.queue.store import StoredMessage
 
@@ -54,7 +61,7 @@ log = Logger(namespace="relaygw.control")
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 1024 * 1024  # bytes in one request line
 LIST_FILTERS = ("sender", "recipient_domain", "route", "older_than")
-ACTIONS = ("queue.hold", "queue.release", "queue.delete", "queue.bounce")
+ACTIONS = ("queue.flush", "queue.hold", "queue.release", "queue.delete", "queue.bounce")
 
 
 def socket_path(spool_dir: Path) -> Path:
@@ -325,16 +332,17 @@ class ControlService(service.Service):
             return self._list(cmd, args)
         if cmd == "queue.show":
             return self._show(cmd, args)
-        if cmd == "queue.flush":
-            _only(cmd, args, ("ids", "all"))
+        if cmd in ACTIONS:
+            _only(cmd, args, ("ids", "all", *LIST_FILTERS))
+            action = getattr(self.manager, cmd.split(".", 1)[1])
+            filters = {k: v for k, v in args.items() if k in LIST_FILTERS}
             if args.get("all") is True:
                 if args.get("ids"):
                     raise BadRequestError(f"{cmd}: give ids or all, not both")
-                return self.manager.flush(None)
-            return self.manager.flush(_ids(cmd, args))
-        if cmd in ACTIONS:
-            _only(cmd, args, ("ids",))
-            action = getattr(self.manager, cmd.split(".", 1)[1])
+                # Exactly the messages queue.list shows with the same filters.
+                return action([row["id"] for row in self._list(cmd, filters)])
+            if filters:
+                raise BadRequestError(f"{cmd}: filters need all")
             return action(_ids(cmd, args))
         if cmd == "reload":
             _only(cmd, args, ())
@@ -347,6 +355,7 @@ class ControlService(service.Service):
     def _list(self, cmd: str, args: dict[str, Any]) -> list[dict[str, Any]]:
         _only(cmd, args, LIST_FILTERS)
         filters = {k: v for k, v in args.items() if v is not None}
+        config = self.config_source()
         for key, value in filters.items():
             if key == "older_than":
                 if not isinstance(value, str | int | float) or isinstance(value, bool):
@@ -357,7 +366,11 @@ class ControlService(service.Service):
                     raise BadRequestError(f"{cmd}: older_than: {e}") from None
             elif not isinstance(value, str):
                 raise BadRequestError(f"{cmd}: {key} must be a string")
-        config = self.config_source()
+            elif key == "route":
+                try:
+                    check_route(value, config)  # against the configuration in force
+                except ValueError as e:
+                    raise BadRequestError(str(e)) from None
         now = self._now()
         messages = sorted((m for m in self.manager.messages() if not m.deleted),
                           key=lambda m: (m.stored.envelope.arrived, m.queue_id))

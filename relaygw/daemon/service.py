@@ -215,7 +215,8 @@ class RelayService(_SequentialService):
             return worker_problems
         problems: list[str] = []
         self._drop_listeners(config)
-        auth = wiring.authenticator(prepared, self.core.auth_pool, self.reactor)
+        auth = wiring.authenticator(prepared, self.core.auth_pool, self.reactor,
+                                    users_file=config.auth.users_file)
         for listener in config.listeners:
             existing = self.by_listener.get(listener)
             if existing is not None:

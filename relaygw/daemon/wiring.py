@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -147,11 +148,13 @@ def outer_factory(factory: SMTPServerFactory, listener: ListenerConfig,
     return outer
 
 
-def authenticator(prepared: Prepared, auth_pool: ThreadPool, reactor: Any,
-                  ) -> Authenticator | None:
+def authenticator(prepared: Prepared, auth_pool: ThreadPool, reactor: Any, *,
+                  users_file: Path | None = None) -> Authenticator | None:
+    """The sessions' Authenticator; with ``users_file`` it re-reads that file when it
+    changes (in ``auth_pool``), so each process, every worker too, sees new users."""
     if prepared.users is None:
         return None
-    return Authenticator(prepared.users, auth_pool, reactor)
+    return Authenticator(prepared.users, auth_pool, reactor, source=users_file)
 
 
 @dataclass
@@ -303,7 +306,8 @@ def build_worker_front(config: Config, users: dict[str, str] | None, reactor: An
     cleanup = build_cleanup(spool, hand_off, lambda: config, metrics)
     built = build_sessions(
         config, prepared, policy=ConfiguredPolicy(lambda: config, spool), sink=cleanup,
-        auth=authenticator(prepared, auth_threads, reactor), reactor=reactor,
+        auth=authenticator(prepared, auth_threads, reactor, users_file=config.auth.users_file),
+        reactor=reactor,
         counter=ConnectionCounter(UNLIMITED, UNLIMITED), metrics=metrics,
         on_session_end=on_session_end)
     return spool, {listener.address: sessions for listener, sessions in built.items()}

@@ -5,7 +5,7 @@ classic ones, with the fsyncs a crash-safe queue needs:
 
 1. create ``tmp/``, ``new/`` and ``cur/`` (mode 0700, missing parents too) when absent;
 2. write ``tmp/<unique>``: ``Return-Path`` and ``Delivered-To`` lines, then the stored message,
-   copied from its content (the spool file) in bounded chunks; fsync the file;
+   copied from its content (the spool file) in bounded chunks with LF line ends; fsync the file;
 3. hard-link it into ``new/`` (rename where the file system has no hard links), fsync ``new/``;
 4. only then report ``2.0.0`` and remove the ``tmp/`` name.
 
@@ -36,10 +36,10 @@ __all__ = ["CHUNK_SIZE", "deliver_to_maildir", "unique_name"]
 
 CHUNK_SIZE = 1024 * 1024  # bytes copied per read: memory stays bounded whatever the message size
 
-# Line endings in the mailbox. The spool holds the message exactly as received, with CRLF, and
-# "crlf" keeps it byte-exact; most MUAs (Dovecot, mutt, Thunderbird) read CRLF in Maildir files.
-# Postfix's local(8) and maildrop write LF, the Unix convention: "lf" converts CRLF to LF.
-LINE_ENDINGS = ("crlf", "lf")
+# The spool holds the message as received, with CRLF (only CRLF: a bare CR or LF was refused
+# or normalised at DATA). A Maildir file is a Unix text file: Postfix's local(8) and virtual(8),
+# maildrop and Dovecot's LDA (mail_save_crlf = no, its default) write LF, and that is what
+# Maildir readers expect. So each CRLF becomes LF; every other byte is kept.
 
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()  # deliveries run in a thread pool
@@ -60,22 +60,18 @@ def unique_name(hostname: str, now: float) -> str:
 
 
 def deliver_to_maildir(maildir: Path, recipient: str, sender: str, content: MessageContent,
-                       queue_id: str, hostname: str, now: float | None = None, *,
-                       line_endings: str = "crlf") -> DeliveryResult:
-    """Deliver the stored message ``content`` into ``maildir/new``.
+                       queue_id: str, hostname: str, now: float | None = None) -> DeliveryResult:
+    """Deliver the stored message ``content`` into ``maildir/new``, with LF line ends.
 
     ``queue_id`` is accepted for the courier's uniform call; the file name does not carry it.
     Returns ``delivered("2.0.0")`` only after the file and the ``new/`` directory are fsynced;
     otherwise a transient result (``4.3.1`` disk full, ``4.2.2`` quota exceeded, ``4.3.0`` any
-    other fault, ``4.3.5`` a bad ``line_endings`` option). Never raises.
+    other fault). Never raises.
     """
-    if line_endings not in LINE_ENDINGS:
-        return transient("4.3.5", f"maildir delivery failed: unknown line_endings {line_endings!r}")
     maildir = Path(maildir)
     when = time.time() if now is None else now
-    eol = b"\n" if line_endings == "lf" else b"\r\n"
-    prefix = (b"Return-Path: <" + _header_safe(sender) + b">" + eol
-              + b"Delivered-To: <" + _header_safe(recipient) + b">" + eol)
+    prefix = (b"Return-Path: <" + _header_safe(sender) + b">\n"
+              + b"Delivered-To: <" + _header_safe(recipient) + b">\n")
     tmp_path: Path | None = None
     new_path: Path | None = None
     try:
@@ -88,7 +84,7 @@ def deliver_to_maildir(maildir: Path, recipient: str, sender: str, content: Mess
         tmp_path = maildir / "tmp" / name  # ours only once created (O_EXCL)
         try:
             write_all(fd, prefix)
-            _copy_content(fd, content, crlf_to_lf=line_endings == "lf")
+            _copy_content(fd, content)
             os.fsync(fd)  # os.write is unbuffered: nothing to flush first
         finally:
             os.close(fd)
@@ -154,16 +150,15 @@ def _make_dirs(path: Path) -> None:
         fsync_dir(directory.parent)
 
 
-def _copy_content(fd: int, content: MessageContent, *, crlf_to_lf: bool) -> None:
+def _copy_content(fd: int, content: MessageContent) -> None:
+    """The message with each CRLF as LF; a CR without an LF after it stays."""
     chunks = content.chunks(CHUNK_SIZE)
     try:
-        held = b""  # "lf" mode: a CR at the end of a chunk may pair with an LF in the next one
+        held = b""  # a CR at the end of a chunk may pair with an LF at the start of the next
         for chunk in chunks:
-            if crlf_to_lf:
-                chunk = held + chunk
-                held = b"\r" if chunk.endswith(b"\r") else b""
-                chunk = chunk[: len(chunk) - len(held)].replace(b"\r\n", b"\n")
-            write_all(fd, chunk)
+            chunk = held + chunk
+            held = b"\r" if chunk.endswith(b"\r") else b""
+            write_all(fd, chunk[: len(chunk) - len(held)].replace(b"\r\n", b"\n"))
         write_all(fd, held)
     finally:
         if isinstance(chunks, Generator):

@@ -22,6 +22,7 @@ from typing import Any
 from relaygw.address import Address, MailArgs, RcptArgs, domain_matches
 from relaygw.config import Config
 from relaygw.receive.relay import ClientInfo, RelayDecision, is_trusted, relay_decision
+from relaygw.receive.senders import sender_decision
 from relaygw.routing import (
     MAILDIR,
     MX,
@@ -87,6 +88,16 @@ def explain(config: Config, sender: str, recipient: str, client_ip: str | None =
     else:
         canonical_sender = str(mail.address) if mail.address else ""
         result["mail_reply"] = _reply(Reply(250, "2.1.0", f"Sender <{canonical_sender}> OK"))
+        # The sender/login binding, exactly as ConfiguredPolicy.check_mail asks for it.
+        allowed = None if auth_user is None else config.auth.allowed_senders(auth_user)
+        binding = sender_decision(auth_user, canonical_sender, allowed)
+        if binding.reply is not None:
+            assert allowed is not None  # only a bound user is ever refused
+            result["mail_reply"] = _reply(binding.reply)
+            notes.append(f"auth.senders binds {auth_user!r} to "
+                         f"{', '.join(p.text for p in allowed)}; <{canonical_sender}> "
+                         "matches none of them.")
+            mail = binding.reply
 
     # RCPT TO, as do_rcpt parses it: a bare <postmaster> is ours.
     rcpt = parse_rcpt_to(f"TO:{_path(recipient)}", smtputf8=smtputf8,

@@ -60,21 +60,25 @@ def add_commands(subparsers: Any) -> None:
                                   epilog=_EPILOG)
     commands = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
 
+    filters = argparse.ArgumentParser(add_help=False)
+    group = filters.add_argument_group("filters (with list, or with --all)")
+    group.add_argument("--sender", metavar="GLOB",
+                       help='sender address glob, case-insensitive ("*@example.org"; "<>" is '
+                            "the null sender)")
+    group.add_argument("--recipient-domain", metavar="DOMAIN",
+                       help="only messages with a recipient in DOMAIN")
+    group.add_argument("--route", metavar="LABEL",
+                       help="only messages with a pending recipient the configuration now "
+                            'routes by LABEL ("routes[2]" or "2"; "none": no route); a route '
+                            "the configuration does not have is an error")
+    group.add_argument("--older-than", metavar="AGE", type=_age_arg,
+                       help="only messages older than AGE: seconds or 30m, 2h, 1d")
+
     ls = commands.add_parser(
-        "list", parents=[common], epilog=_EPILOG,
+        "list", parents=[common, filters], epilog=_EPILOG,
         help="one row per queued message, recipients with their state",
         description="List queued messages: id, age, size, sender, and each recipient with "
                     "its state (pending, deferred, held), next attempt and last error.")
-    ls.add_argument("--sender", metavar="GLOB",
-                    help='sender address glob, case-insensitive ("*@example.org"; "<>" is '
-                         "the null sender)")
-    ls.add_argument("--recipient-domain", metavar="DOMAIN",
-                    help="only messages with a recipient in DOMAIN")
-    ls.add_argument("--route", metavar="LABEL",
-                    help='only messages with a pending recipient the configuration now routes '
-                         'by LABEL ("routes[2]" or "2"; "none": no route)')
-    ls.add_argument("--older-than", metavar="AGE", type=_age_arg,
-                    help="only messages older than AGE: seconds or 30m, 2h, 1d")
     ls.set_defaults(func=run_queue)
 
     show = commands.add_parser(
@@ -86,23 +90,22 @@ def add_commands(subparsers: Any) -> None:
     show.add_argument("--body", action="store_true", help="print the whole message")
     show.set_defaults(func=run_queue)
 
-    flush = commands.add_parser(
-        "flush", parents=[common], help="retry now",
-        description="Make pending recipients due now and attempt them (held messages stay "
-                    "held).")
-    flush.add_argument("ids", nargs="*", metavar="ID", help="queue ids")
-    flush.add_argument("--all", action="store_true", help="every queued message")
-    flush.set_defaults(func=run_queue, parser=flush)
-
-    for name, help_text in (
-            ("hold", "park messages: no attempt until released"),
-            ("release", "resume held messages"),
-            ("delete", "drop messages without a bounce"),
-            ("bounce", "fail pending recipients and send the sender a DSN")):
-        action = commands.add_parser(name, parents=[common], help=help_text,
-                                     description=help_text[0].upper() + help_text[1:] + ".")
-        action.add_argument("ids", nargs="+", metavar="ID", help="queue ids")
-        action.set_defaults(func=run_queue)
+    for name, help_text, more in (
+            ("flush", "retry now", " (held messages stay held)"),
+            ("hold", "park messages: no attempt until released", ""),
+            ("release", "resume held messages", ""),
+            ("delete", "drop messages without a bounce", ""),
+            ("bounce", "fail pending recipients and send the sender a DSN", " saying that "
+             "the mail administrator returned the message")):
+        action = commands.add_parser(
+            name, parents=[common, filters], epilog=_EPILOG, help=help_text,
+            description=f"{help_text[0].upper()}{help_text[1:]}{more}: the messages named, "
+                        "or with --all every queued message that list shows with the same "
+                        "filters.")
+        action.add_argument("ids", nargs="*", metavar="ID", help="queue ids")
+        action.add_argument("--all", action="store_true",
+                            help="every queued message the filters select")
+        action.set_defaults(func=run_queue, parser=action)
 
     reload = subparsers.add_parser(
         "reload", parents=[common], help="make the running daemon re-read its configuration",
@@ -145,8 +148,11 @@ def run_queue(args: argparse.Namespace) -> int:
     from relaygw.daemon.control import ControlError, DaemonNotRunning, call, socket_path
 
     command = args.queue_command
-    if command == "flush" and bool(args.ids) == bool(args.all):
-        args.parser.error("give message ids or --all")
+    if command in _ACTIONS:
+        if bool(args.ids) == bool(args.all):
+            args.parser.error("give message ids or --all")
+        if args.ids and _filters(args):
+            args.parser.error("filters select messages only with --all")
     try:
         config = _load(args.config)
     except ConfigError as e:
@@ -173,22 +179,27 @@ def run_queue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    filters = {"sender": args.sender, "recipient_domain": args.recipient_domain,
+               "route": args.route, "older_than": args.older_than}
+    return {k: v for k, v in filters.items() if v is not None}
+
+
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     command = args.queue_command
     if command == "list":
-        filters = {"sender": args.sender, "recipient_domain": args.recipient_domain,
-                   "route": args.route, "older_than": args.older_than}
-        return "queue.list", {k: v for k, v in filters.items() if v is not None}
+        return "queue.list", _filters(args)
     if command == "show":
         return "queue.show", {"id": args.id, "body": args.body}
-    if command == "flush" and args.all:
-        return "queue.flush", {"all": True}
+    if args.all:
+        return _ACTIONS[command][0], {"all": True, **_filters(args)}
     return _ACTIONS[command][0], {"ids": list(args.ids)}
 
 
 def _offline(args: argparse.Namespace, config: Any, spool_dir: Path) -> int:
     """list and show from the spool files: nothing is written, moved or removed."""
     from relaygw.queue.inspect import (
+        check_route,
         details,
         matches,
         read_content,
@@ -214,11 +225,16 @@ def _offline(args: argparse.Namespace, config: Any, spool_dir: Path) -> int:
         _output(args, details(stored.envelope, stored.state, stored.size, now, headers,
                               message, config))
         return EXIT_OK
+    _, filters = _request(args)
+    if "route" in filters:
+        try:
+            check_route(filters["route"], config)
+        except ValueError as e:
+            return _error(str(e))
     errors: list[str] = []
     messages = read_spool(spool_dir, errors)
     for problem in errors:
         print(f"relaygw: skipped unreadable queue file {problem}", file=sys.stderr)
-    _, filters = _request(args)
     rows = [row for row in (summarise(m.envelope, m.state, m.size, now, config)
                             for m in messages) if matches(row, **filters)]
     _output(args, rows)
@@ -279,7 +295,8 @@ def _output(args: argparse.Namespace, result: Any) -> None:
     else:
         verb = _ACTIONS[args.queue_command][1]
         if not result:
-            print(f"nothing {verb}: the queue is empty")
+            print(f"nothing {verb}: no queued message matches" if _filters(args)
+                  else f"nothing {verb}: the queue is empty")
         for queue_id in result:
             print(f"{verb} {queue_id}")
 

@@ -25,7 +25,7 @@ from relaygw.queue.state import PENDING, QueueState
 from relaygw.queue.store import Spool, StoredMessage
 from relaygw.routing import RouteContext, route_recipient
 
-__all__ = ["details", "iso", "matches", "parse_age", "read_content", "read_message",
+__all__ = ["check_route", "details", "iso", "matches", "parse_age", "read_content", "read_message",
            "read_only_spool", "read_spool", "route_labels", "summarise"]
 
 _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)
@@ -178,6 +178,24 @@ def read_message(spool_dir: Path, queue_id: str) -> StoredMessage | None:
         return read_only_spool(spool_dir)._load(queue_id)
     except FileNotFoundError:
         return None
+
+
+_ROUTE_LABEL = re.compile(r"routes\[([0-9]+)\]")
+
+
+def check_route(route: str, config: Any) -> None:
+    """Raise ValueError, naming it, when the ``route`` filter names a route ``config`` does
+    not have: a filter that can never match would look like an empty queue."""
+    label = f"routes[{route}]" if route.isdigit() else route.lower()
+    if label == "none":
+        return
+    found = _ROUTE_LABEL.fullmatch(label)
+    if found is None:
+        raise ValueError(f'not a route: {route} (give routes[N], N, or "none")')
+    count = len(config.routes)
+    if int(found[1]) >= count:
+        have = "routes[0]" if count == 1 else f"routes[0] to routes[{count - 1}]"
+        raise ValueError(f"no such route: {route} (the configuration has {have})")
 
 
 def matches(summary: dict[str, Any], sender: str | None = None,

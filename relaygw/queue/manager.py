@@ -42,6 +42,9 @@ from relaygw.routing import RouteContext, RouteDecision, route_recipient
 log = Logger()
 maillog = Logger(namespace="relaygw.maillog")
 
+# The diagnostic of a recipient failed with ``relaygw queue bounce``; its DSN shows it.
+RETURNED_BY_ADMINISTRATOR = "5.0.0 returned to the sender by the mail administrator"
+
 
 class DeliveryMetrics(Protocol):
     """What the queue counts; relaygw.observe implements it."""
@@ -269,8 +272,13 @@ class QueueManager(service.Service):
         state = entry.state
         for index, decision, result in zip(indexes, decisions, results, strict=True):
             old = state.recipients[index]
-            new = self._next_state(old, result, envelope, _recipient(envelope, index), config,
-                                   now)
+            if old.status == FAILED and result.status != DELIVERED:
+                # Bounced by the operator while this attempt was in flight: the bounce
+                # stands, and its DSN says why, not what this attempt heard.
+                new = old
+            else:
+                new = self._next_state(old, result, envelope, _recipient(envelope, index),
+                                       config, now)
             state = state.with_recipient(index, new)
             self._log_attempt(entry, decision, result, new, now, started)
         entry.state = state
@@ -404,7 +412,8 @@ class QueueManager(service.Service):
         return DeferredList(removals).addCallback(lambda _: [e.queue_id for e in entries])
 
     def bounce(self, ids: list[str]) -> Deferred:
-        """Fail every pending recipient and send the sender a DSN."""
+        """Fail every pending recipient and send the sender a DSN that says the mail
+        administrator returned it (no remote host: none refused it)."""
         entries = self._entries(ids)
         now = self._now()
         done: list[Deferred] = []
@@ -414,7 +423,7 @@ class QueueManager(service.Service):
                 if r.status == "pending":
                     state = state.with_recipient(i, replace(
                         r, status=FAILED, enhanced="5.0.0", last_attempt=now,
-                        last_reply="5.0.0 returned to sender by the mail administrator",
+                        last_reply=RETURNED_BY_ADMINISTRATOR, remote_host=None,
                         notified=not _dsn_due(entry.stored.envelope,
                                               _recipient(entry.stored.envelope, i), "FAILURE")))
             entry.state = state

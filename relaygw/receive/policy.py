@@ -1,8 +1,8 @@
-"""The inbound policy the SMTP protocol consults at MAIL and RCPT: relaying,
-routability and storage checks.
+"""The inbound policy the SMTP protocol consults at MAIL and RCPT: sender binding,
+relaying, routability and storage checks.
 
-Built by the wiring (relaygw.daemon.wiring); the relay decision itself is the
-pure function of relaygw.receive.relay.
+Built by the wiring (relaygw.daemon.wiring); the decisions themselves are the pure
+functions of relaygw.receive.senders and relaygw.receive.relay.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Protocol
 from relaygw.address import MailArgs, RcptArgs
 from relaygw.config import Config
 from relaygw.receive.relay import ClientInfo, relay_decision
+from relaygw.receive.senders import sender_decision
 from relaygw.routing import RouteContext, expand_aliases, route_recipient
 from relaygw.smtp.replies import INSUFFICIENT_STORAGE, Reply
 from relaygw.smtp.server import Session
@@ -26,7 +27,7 @@ class FreeSpace(Protocol):
 
 
 class ConfiguredPolicy:
-    """Relay rules, routability at RCPT, alias expansion, spool space.
+    """Sender/login binding, relay rules, routability at RCPT, alias expansion, spool space.
 
     ``config_source`` returns the current Config, so a reload applies to the
     next command of every session.
@@ -37,9 +38,16 @@ class ConfiguredPolicy:
         self.spool = spool
 
     def check_mail(self, session: Session, mail: MailArgs) -> Reply | None:
+        config = self.config_source()
+        if session.auth_user is not None:
+            sender = sender_decision(session.auth_user,
+                                     str(mail.address) if mail.address else "",
+                                     config.auth.allowed_senders(session.auth_user))
+            if sender.reply is not None:
+                return sender.reply
         free = self.spool.free_bytes
         declared = int(mail.params.get("SIZE") or 0)
-        if free is not None and free - declared < self.config_source().server.min_free_space:
+        if free is not None and free - declared < config.server.min_free_space:
             return INSUFFICIENT_STORAGE
         return None
 

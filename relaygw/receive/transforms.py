@@ -13,6 +13,7 @@ A later transform sees the output of the earlier ones, their heads included.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -91,7 +92,7 @@ def received_header(hostname: str, session: Session, envelope: Envelope) -> byte
         proto += "S"
     if session.auth_user:
         proto += "A"
-    lines = [f"Received: from {session.helo} ([{session.client_ip}])"]
+    lines = [f"Received: from {session.helo} ({address_literal(session.client_ip)})"]
     if session.tls_info:
         version, _, cipher = session.tls_info.partition(" ")
         lines.append(f"\t(using {version} with cipher {cipher})")
@@ -103,3 +104,14 @@ def received_header(hostname: str, session: Session, envelope: Envelope) -> byte
         lines[-1] += ";"
         lines.append(f"\t{stamp}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def address_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The client's address as RFC 5321 4.1.3 writes a literal: ``[192.0.2.7]``,
+    ``[IPv6:2001:db8::7]``. An IPv4-mapped address (a dual-stack listener's IPv4 client)
+    is the IPv4 host it maps; a scope (``%eth0``) has no place in the grammar."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"[{ip.ipv4_mapped}]"
+        return f"[IPv6:{ip.compressed.partition('%')[0]}]"
+    return f"[{ip}]"

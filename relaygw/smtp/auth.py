@@ -2,18 +2,24 @@
 
 The SASL mechanisms are pure state machines (no Twisted, no I/O) so the server protocol
 only moves lines between the client and a mechanism; ``Authenticator`` is the one part
-that touches Twisted, to keep scrypt off the reactor thread.
+that touches Twisted, to keep scrypt, and the re-reading of a changed users file, off the
+reactor thread.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import hmac
+import os
 import re
 import secrets
-from collections.abc import Mapping
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -22,6 +28,8 @@ from typing import Protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.fileio import write_atomically
@@ -205,13 +213,20 @@ def load_users(path: Path) -> dict[str, str]:
 
 
 def set_password(path: Path, name: str, password: str) -> None:
-    """Add or replace one user, keeping every other line; rewrite the file atomically."""
+    """Add or replace one user, keeping every other line; rewrite the file atomically.
+
+    An existing file keeps its owner, group and mode (the daemon's user must still be able
+    to read it); a new one is created with mode 0600, owned by whoever runs this.
+    """
     problem = _name_problem(name)
     if problem is None and name.startswith("#"):
         problem = "user name starts with '#' (it would read as a comment)"
     if problem is not None:
         raise ValueError(problem)
+    mode, owner = 0o600, None
     if path.exists():
+        info = path.stat()
+        mode, owner = stat.S_IMODE(info.st_mode), (info.st_uid, info.st_gid)
         raw = _read_users_file(path)
         entries, problems = _parse_users(path, raw)
         if problems:
@@ -226,7 +241,16 @@ def set_password(path: Path, name: str, password: str) -> None:
         lines.append(new_line)
     else:
         lines[replace_at - 1] = new_line
-    write_atomically(path, b"".join(line + b"\n" for line in lines), mode=0o600)
+    try:
+        write_atomically(path, b"".join(line + b"\n" for line in lines), mode=mode,
+                         owner=owner)
+    except PermissionError as e:
+        if e.errno != errno.EPERM or owner is None:
+            raise
+        # Only root may give a file away: refuse rather than leave one the daemon's user
+        # may no longer read.
+        raise UsersFileError([f"{path}: cannot keep its owner {owner[0]}:{owner[1]} "
+                              "(run relaygw passwd as root or as that user)"]) from e
 
 
 # ---------------------------------------------------------------------------
@@ -397,30 +421,143 @@ def _dummy_hash(users: Mapping[str, str]) -> str:
     return f"$scrypt$n={n},r={r},p={p}${_b64(salt)}${_b64(digest)}"
 
 
+RECHECK_INTERVAL = 1.0  # seconds: the users file is looked at (stat) at most this often
+
+log = Logger(namespace="relaygw.smtp.auth")
+
+
+@dataclass(frozen=True)
+class _Note:
+    """A log line about the users file, made in a pool thread, logged by the reactor's."""
+
+    warning: bool
+    text: str
+
+
+def _log_note(note: _Note | None) -> None:
+    if note is not None:
+        (log.warn if note.warning else log.info)("{text}", text=note.text)
+
+
 class Authenticator:
-    """Checks credentials against the users file without blocking the reactor."""
+    """Checks credentials against the users file without blocking the reactor.
+
+    With ``source`` (the users file), a check first looks whether the file changed (its
+    inode, size, mtime or ctime; at most once every ``RECHECK_INTERVAL`` seconds, and again
+    after any failed check) and then re-reads it, all in the pool's thread, so users set
+    with ``relaygw passwd`` work without a reload. A changed file that cannot be read or
+    parsed leaves the users read before in force, with a warning; it is tried again once it
+    changes again.
+    """
 
     def __init__(
-        self, users: Mapping[str, str], threadpool: ThreadPool, reactor: IReactorFromThreads
+        self, users: Mapping[str, str], threadpool: ThreadPool, reactor: IReactorFromThreads,
+        *, source: Path | None = None, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._users = MappingProxyType(dict(users))
         self._dummy = _dummy_hash(self._users)
         self._threadpool = threadpool
         self._reactor = reactor
+        self._source = source
+        self._clock = clock
+        self._lock = threading.Lock()  # one look at the file at a time; pool threads share it
+        self._checked_at = -RECHECK_INTERVAL
+        # What the file looked like when ``_users`` came from it; None: not known yet, so the
+        # first look re-reads it (the users given may have been read a while before).
+        self._signature: tuple[int, ...] | None = None
+        self._looking = False
 
     @property
     def has_users(self) -> bool:
+        if not self._users and self._source is not None:
+            # AUTH is not offered while there are no users, so no check would ever look at
+            # the file: look now, in the pool; the next EHLO sees the outcome.
+            self._look_soon()
         return bool(self._users)
 
     def check(self, credentials: Credentials) -> Deferred[bool]:
         # scrypt takes tens of milliseconds: run it in the pool, never on the reactor.
-        return deferToThreadPool(
+        d = deferToThreadPool(
             self._reactor,
             self._threadpool,
-            self._verify,
+            self._refresh_and_verify,
             credentials.username,
             credentials.password,
         )
+        return d.addCallback(self._report)
+
+    # -- in the pool's threads ---------------------------------------------------------
+
+    def _refresh_and_verify(self, username: str, password: str) -> tuple[bool, _Note | None]:
+        note = self._refresh()
+        ok = self._verify(username, password)
+        if not ok and note is None:
+            # A user added, or a password changed, less than a second ago must work at
+            # once: look again. A failure has already paid for a scrypt, a stat is nothing.
+            before = self._users
+            note = self._refresh(force=True)
+            if self._users is not before:
+                ok = self._verify(username, password)
+        return ok, note
+
+    def _refresh(self, force: bool = False) -> _Note | None:
+        """Re-read the users file if it changed; what to log about it (the reactor thread
+        logs it: log observers write files and are not made for threads), or None."""
+        source = self._source
+        if source is None:
+            return None
+        with self._lock:
+            now = self._clock()
+            if now - self._checked_at < RECHECK_INTERVAL and not force:
+                return None
+            self._checked_at = now
+            try:
+                info = os.stat(source)
+            except OSError as e:
+                signature: tuple[int, ...] = (-1, e.errno or 0)
+                if signature == self._signature:
+                    return None
+                self._signature = signature
+                return _Note(True, f"auth: cannot look at {source}: {e.strerror or e}; "
+                             f"keeping the {len(self._users)} user(s) read before")
+            signature = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
+                         info.st_ctime_ns)
+            if signature == self._signature:
+                return None
+            first = self._signature is None
+            self._signature = signature
+            try:
+                users = load_users(source)
+            except UsersFileError as e:
+                return _Note(True, f"auth: cannot re-read {source}; keeping the "
+                             f"{len(self._users)} user(s) read before: "
+                             + "; ".join(e.problems))
+            if first and users == dict(self._users):
+                return None
+            self._users = MappingProxyType(users)
+            self._dummy = _dummy_hash(self._users)
+            return _Note(False, f"auth: {source} re-read: {len(users)} user(s)")
+
+    # -- on the reactor thread ---------------------------------------------------------
+
+    def _report(self, result: tuple[bool, _Note | None]) -> bool:
+        ok, change = result
+        _log_note(change)
+        return ok
+
+    def _look_soon(self) -> None:
+        if self._looking or self._clock() - self._checked_at < RECHECK_INTERVAL:
+            return
+        self._looking = True
+
+        def done(result: _Note | Failure | None) -> None:
+            self._looking = False
+            if isinstance(result, Failure):
+                log.failure("auth: cannot look at the users file", result)
+            else:
+                _log_note(result)
+
+        deferToThreadPool(self._reactor, self._threadpool, self._refresh).addBoth(done)
 
     def _verify(self, username: str, password: str) -> bool:
         stored = self._users.get(username)

@@ -33,15 +33,21 @@ class Reply:
         prefix = f"{self.enhanced} " if self.enhanced else ""
         last = len(parts) - 1
         return [
-            f"{self.code}{' ' if i == last else '-'}{prefix}{part}".rstrip(" ")
+            self._trimmed(f"{self.code}{' ' if i == last else '-'}{prefix}{part}")
             for i, part in enumerate(parts)
         ]
 
     def to_bytes(self) -> bytes:
         if "\n" not in self.text:  # one line, what nearly every reply is: lines() inlined
             prefix = f"{self.code} {self.enhanced} " if self.enhanced else f"{self.code} "
-            return ((prefix + self.text).rstrip(" ") + "\r\n").encode("utf-8")
+            return (self._trimmed(prefix + self.text) + "\r\n").encode("utf-8")
         return "".join(line + "\r\n" for line in self.lines()).encode("utf-8")
+
+    def _trimmed(self, line: str) -> str:
+        # A reply's text is optional, and so is the space before it ("250"). An AUTH
+        # challenge's is not: RFC 4954 4 writes it "334" SP [base64], so an empty
+        # challenge is "334 " (clients such as s-nail wait for the space).
+        return line if self.code == 334 else line.rstrip(" ")
 
     def __str__(self) -> str:
         return " | ".join(self.lines())

@@ -3,6 +3,7 @@ on-disk spool, and the UNIX socket with the blocking client."""
 
 from __future__ import annotations
 
+import email
 import json
 import os
 import random
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
@@ -35,21 +36,34 @@ BODY = b"Subject: test\r\nFrom: a@s.example\r\n\r\nhello\r\n"
 
 
 class Courier:
-    """Every attempt fails transiently unless told otherwise; records its jobs."""
+    """Every attempt fails transiently unless told otherwise; records its jobs. With
+    ``hold``, an attempt stays in flight until ``finish`` gives its result."""
 
     def __init__(self, fail=True):
         self.jobs = []
         self.contents = []  # message bytes as the courier saw them
         self.fail = fail
+        self.remote = None  # the host the failures come from
+        self.hold = False
+        self.pending = []
 
     def deliver(self, job):
         self.jobs.append(job)
         self.contents.append(job.content.read_all())
+        if self.hold:
+            d = Deferred()
+            self.pending.append((d, len(job.decisions)))
+            return d
         if self.fail:
-            return succeed([transient("4.4.1", "connection refused")] * len(job.decisions))
+            return succeed([transient("4.4.1", "connection refused", remote=self.remote)]
+                           * len(job.decisions))
         from relaygw.results import delivered
 
         return succeed([delivered("250 ok")] * len(job.decisions))
+
+    def finish(self, result):
+        d, count = self.pending.pop(0)
+        d.callback([result] * count)
 
 
 class World:
@@ -225,6 +239,114 @@ def test_bounce_fails_the_message_and_sends_a_dsn(world):
     assert world.queued() == []
 
 
+def parse_dsn(dsn: bytes) -> tuple[str, str, dict[str, str]]:
+    """A one-recipient DSN: its subject, its human part as one line, and the recipient's
+    delivery-status fields, unfolded."""
+    message = email.message_from_bytes(dsn)
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    text, status, headers = message.get_payload()
+    assert (text.get_content_type(), status.get_content_type(),
+            headers.get_content_type()) == ("text/plain", "message/delivery-status",
+                                             "text/rfc822-headers")
+    human = " ".join(text.get_payload(decode=True).decode().split())
+    _, recipient = status.get_payload()
+    return (message["Subject"], human,
+            {name: " ".join(value.split()) for name, value in recipient.items()})
+
+
+ADMIN_BOUNCE_FIELDS = {
+    "Final-Recipient": "rfc822; b@corp.example", "Action": "failed", "Status": "5.0.0",
+    "Diagnostic-Code": "x-relaygw; 5.0.0 returned to the sender by the mail administrator"}
+
+
+def test_an_operators_bounce_names_the_administrator_and_no_remote_host(world):
+    world.smarthost.remote = "mx.corp.example[192.0.2.25]:25"
+    queue_id = world.accept()
+    assert world.manager.message(queue_id).state.recipients[0].remote_host == (
+        "mx.corp.example[192.0.2.25]:25")  # the attempt that deferred it
+    assert world.ask("queue.bounce", ids=[queue_id])["result"] == [queue_id]
+    (dsn,) = world.mx.contents
+    subject, human, fields = parse_dsn(dsn)
+    assert subject == "Undelivered Mail Returned to Sender"
+    assert human.endswith("<b@corp.example>: delivery failed: 5.0.0 returned to the sender "
+                          "by the mail administrator")
+    assert "said" not in human and "mx.corp.example" not in human
+    assert fields == ADMIN_BOUNCE_FIELDS  # no Remote-MTA
+    assert b"192.0.2.25" not in dsn
+
+
+def test_a_bounce_during_the_attempt_stands_with_its_reason(world):
+    world.smarthost.hold = True  # the attempt stays in flight until released
+    queue_id = world.accept()
+    assert world.ask("queue.bounce", ids=[queue_id])["result"] == [queue_id]
+    assert world.mx.jobs == []  # no DSN before the attempt ends
+    world.smarthost.finish(transient("4.4.1", "connection refused",
+                                     remote="mx.corp.example[192.0.2.25]:25"))
+    (dsn,) = world.mx.contents
+    _, human, fields = parse_dsn(dsn)
+    assert fields == ADMIN_BOUNCE_FIELDS
+    assert "connection refused" not in human and "mx.corp.example" not in human
+    assert world.queued() == []
+
+
+def accept_three(world):
+    """Three messages, each deferred once: A a@s.example -> b@corp.example (routes[0]),
+    B x@other.example -> y@corp.example (routes[0]), C c@s.example -> z@far.example
+    (routes[1], whose courier fails too here)."""
+    world.mx.fail = True
+    first = world.accept()
+    world.clock.advance(100)
+    second = world.accept(sender="x@other.example", rcpts=("y@corp.example",))
+    third = world.accept(sender="c@s.example", rcpts=("z@far.example",))
+    return first, second, third
+
+
+@pytest.mark.parametrize("filters", [
+    {"sender": "a@*"}, {"recipient_domain": "corp.example", "sender": "*@s.example"},
+    {"route": "routes[0]", "older_than": "50"}, {"route": "0", "sender": "A@S.EXAMPLE"}])
+def test_actions_on_all_messages_the_filters_select(world, filters):
+    first, _, _ = accept_three(world)
+    assert world.ask("queue.hold", all=True, **filters)["result"] == [first]
+    assert [row["held"] for row in world.ask("queue.list")["result"]] == [True, False, False]
+    assert world.ask("queue.release", all=True, **filters)["result"] == [first]
+    assert world.ask("queue.delete", all=True, **filters)["result"] == [first]
+    assert first not in world.queued() and len(world.queued()) == 2
+
+
+def test_all_without_filters_is_every_message_and_none_matching_is_nothing(world):
+    first, second, third = accept_three(world)
+    assert world.ask("queue.hold", all=True)["result"] == [first, second, third]
+    assert world.ask("queue.bounce", all=True, sender="nobody@*")["result"] == []
+    assert world.ask("queue.flush", all=True, route="none")["result"] == []
+    assert world.ask("queue.bounce", all=True, route="1")["result"] == [third]
+    (dsn,) = [q for q in world.queued() if q not in (first, second)]  # C's, to c@s.example
+    assert world.ask("queue.delete", all=True)["result"] == [first, second, dsn]
+    assert world.queued() == []
+
+
+@pytest.mark.parametrize("cmd", ["queue.list", "queue.flush", "queue.hold", "queue.release",
+                                 "queue.delete", "queue.bounce"])
+@pytest.mark.parametrize(("route", "error"), [
+    ("routes[2]", "no such route: routes[2] (the configuration has routes[0] to routes[1])"),
+    ("7", "no such route: 7 (the configuration has routes[0] to routes[1])"),
+    ("smarthost", 'not a route: smarthost (give routes[N], N, or "none")'),
+])
+def test_a_route_the_configuration_does_not_have_is_an_error(world, cmd, route, error):
+    queue_id = world.accept()
+    args = {"route": route} if cmd == "queue.list" else {"all": True, "route": route}
+    assert world.ask(cmd, **args) == {"ok": False, "error": error}
+    assert world.ask("queue.list")["result"][0]["held"] is False  # nothing was done
+    assert world.queued() == [queue_id]
+
+
+def test_filters_without_all_are_refused(world):
+    queue_id = world.accept()
+    assert world.ask("queue.delete", ids=[queue_id], sender="*") == {
+        "ok": False, "error": "queue.delete: filters need all"}
+    assert world.queued() == [queue_id]
+
+
 def test_reload_calls_the_daemon_and_reports_problems(world):
     assert world.ask("reload") == {"ok": True, "result": {"config": "/etc/relaygw.toml",
                                                           "problems": []}}
@@ -246,6 +368,10 @@ def test_reload_calls_the_daemon_and_reports_problems(world):
     ({"cmd": "queue.flush", "args": {}}, "queue.flush: ids must be a non-empty list of queue ids"),
     ({"cmd": "queue.flush", "args": {"all": True, "ids": ["A"]}},
      "queue.flush: give ids or all, not both"),
+    ({"cmd": "queue.bounce", "args": {"all": True, "colour": "red"}},
+     "queue.bounce: unknown argument colour"),
+    ({"cmd": "queue.hold", "args": {"all": True, "sender": 3}},
+     "queue.hold: sender must be a string"),
     ({"cmd": "queue.hold", "args": {"ids": "A"}},
      "queue.hold: ids must be a non-empty list of queue ids"),
     ({"cmd": "queue.delete", "args": {"ids": []}},

@@ -1,4 +1,5 @@
-"""Maildir delivery: layout, exact bytes, durability order, and failures that never lose mail."""
+"""Maildir delivery: layout, exact bytes (LF line ends), durability order, and failures that
+never lose mail."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ MESSAGE = (b"Received: from client.example ([192.0.2.7])\r\n"
            b"Hi Bob,\r\n"
            b".leading dot, already unstuffed\r\n"
            b"bye\r\n")
+# What the Maildir file holds after the two added lines: the same bytes, each CRLF an LF.
+MESSAGE_LF = (b"Received: from client.example ([192.0.2.7])\n"
+              b"From: Alice <alice@sender.example>\n"
+              b"Subject: hello\n"
+              b"\n"
+              b"Hi Bob,\n"
+              b".leading dot, already unstuffed\n"
+              b"bye\n")
 NOW = 1700000000.123456
 OFFSET = len(SPOOL_HEADER)  # where the message starts in the spool file
 
@@ -55,13 +64,13 @@ def files(directory):
     return sorted(directory.iterdir()) if directory.exists() else []
 
 
-def test_message_lands_in_new_with_exact_bytes(tmp_path, spooled):
+def test_message_lands_in_new_with_exact_bytes_and_lf_line_ends(tmp_path, spooled):
     box = tmp_path / "Maildir"
     result = deliver(box, spooled)
     assert result == DeliveryResult(DELIVERED, "2.0.0", f"delivered to maildir {box}")
     (path,) = files(box / "new")
-    assert path.read_bytes() == (b"Return-Path: <alice@sender.example>\r\n"
-                                 b"Delivered-To: <bob@local.example>\r\n" + MESSAGE)
+    assert path.read_bytes() == (b"Return-Path: <alice@sender.example>\n"
+                                 b"Delivered-To: <bob@local.example>\n" + MESSAGE_LF)
     assert files(box / "tmp") == []
     assert files(box / "cur") == []
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -121,15 +130,15 @@ def test_null_sender_gives_an_empty_return_path(tmp_path, spooled):
     box = tmp_path / "Maildir"
     deliver(box, spooled, sender="")
     (path,) = files(box / "new")
-    assert path.read_bytes().startswith(b"Return-Path: <>\r\nDelivered-To: <bob@local.example>\r\n")
+    assert path.read_bytes().startswith(b"Return-Path: <>\nDelivered-To: <bob@local.example>\n")
 
 
 def test_utf8_addresses_are_written_as_utf8(tmp_path, spooled):
     box = tmp_path / "Maildir"
     deliver(box, spooled, sender="jösé@sender.example", recipient="björn@local.example")
     (path,) = files(box / "new")
-    assert path.read_bytes().startswith("Return-Path: <jösé@sender.example>\r\n"
-                                        "Delivered-To: <björn@local.example>\r\n".encode())
+    assert path.read_bytes().startswith("Return-Path: <jösé@sender.example>\n"
+                                        "Delivered-To: <björn@local.example>\n".encode())
 
 
 def test_addresses_cannot_add_header_lines(tmp_path, spooled):
@@ -137,8 +146,8 @@ def test_addresses_cannot_add_header_lines(tmp_path, spooled):
     deliver(box, spooled, sender="a@x.example>\r\nX-Evil: 1", recipient="b@y.example\nBcc: c")
     (path,) = files(box / "new")
     data = path.read_bytes()
-    assert data.startswith(b"Return-Path: <a@x.example>  X-Evil: 1>\r\n"
-                           b"Delivered-To: <b@y.example Bcc: c>\r\n" + MESSAGE[:10])
+    assert data.startswith(b"Return-Path: <a@x.example>  X-Evil: 1>\n"
+                           b"Delivered-To: <b@y.example Bcc: c>\n" + MESSAGE[:10])
 
 
 def test_file_is_fsynced_linked_then_new_directory_fsynced(tmp_path, spooled, monkeypatch):
@@ -180,7 +189,7 @@ def test_content_is_copied_in_bounded_chunks(tmp_path, monkeypatch):
     box = tmp_path / "Maildir"
     assert deliver(box, spool, content_offset=3).status == DELIVERED
     (path,) = files(box / "new")
-    assert path.read_bytes().split(b"\r\n", 2)[2] == body
+    assert path.read_bytes().split(b"\n", 2)[2] == body.replace(b"\r\n", b"\n")
     assert len(sizes) > 100 and max(sizes) == 4096
 
 
@@ -189,30 +198,28 @@ def test_default_chunk_is_one_mebibyte():
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1024 * 1024])
-def test_lf_option_converts_crlf_also_across_chunk_boundaries(tmp_path, spooled, monkeypatch,
-                                                                chunk):
+def test_crlf_becomes_lf_also_across_chunk_boundaries(tmp_path, spooled, monkeypatch, chunk):
     monkeypatch.setattr(maildir_module, "CHUNK_SIZE", chunk)
     box = tmp_path / "Maildir"
-    assert deliver(box, spooled, line_endings="lf").status == DELIVERED
+    assert deliver(box, spooled).status == DELIVERED
+    (path,) = files(box / "new")
+    assert path.read_bytes() == (b"Return-Path: <alice@sender.example>\n"
+                                 b"Delivered-To: <bob@local.example>\n" + MESSAGE_LF)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 1024 * 1024])
+def test_every_other_byte_is_kept(tmp_path, monkeypatch, chunk):
+    # A CR without LF (never in the spool, which only holds CRLF, but the copy must not
+    # care), NUL, 8-bit bytes and trailing spaces all pass unchanged.
+    monkeypatch.setattr(maildir_module, "CHUNK_SIZE", chunk)
+    spool = tmp_path / "m"
+    spool.write_bytes(b"Subject: x \r\n\r\na\rb\x00\xc3\xa9 \r\r\nend\r")
+    box = tmp_path / "Maildir"
+    assert deliver(box, spool, content_offset=0).status == DELIVERED
     (path,) = files(box / "new")
     assert path.read_bytes() == (b"Return-Path: <alice@sender.example>\n"
                                  b"Delivered-To: <bob@local.example>\n"
-                                 + MESSAGE.replace(b"\r\n", b"\n"))
-
-
-def test_lf_option_keeps_a_lone_cr_at_the_very_end(tmp_path):
-    spool = tmp_path / "m"
-    spool.write_bytes(b"Subject: x\r\n\r\nodd\r")
-    box = tmp_path / "Maildir"
-    deliver(box, spool, content_offset=0, line_endings="lf")
-    (path,) = files(box / "new")
-    assert path.read_bytes().endswith(b"Subject: x\n\nodd\r")
-
-
-def test_unknown_line_endings_option_is_transient(tmp_path, spooled):
-    result = deliver(tmp_path / "Maildir", spooled, line_endings="cr")
-    assert (result.status, result.enhanced) == (TRANSIENT, "4.3.5")
-    assert not (tmp_path / "Maildir").exists()
+                                 b"Subject: x \n\na\rb\x00\xc3\xa9 \r\nend\r")
 
 
 def fail_with(code):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -55,11 +56,17 @@ def test_message_to_a_relay_domain_lands_in_the_maildir(daemon):
     queue_id = send(daemon, sender="x@outside.example", rcpts=("Bob@local.example",))
     (path,) = wait_until(lambda: mailbox(daemon, "local.example", "Bob"))
     data = path.read_bytes()
-    assert data.startswith(b"Return-Path: <x@outside.example>\r\n"
-                           b"Delivered-To: <Bob@local.example>\r\n"
-                           b"Received: from client.example ([127.0.0.1])\r\n")
-    assert f"with ESMTP id {queue_id}".encode() in data
-    assert data.endswith(b"\r\n\r\n" + BODY.split(b"\r\n\r\n", 1)[1])
+    # LF line ends, as Postfix's local and virtual write them; every other byte as sent.
+    head, received, rest = data.split(b"\n", 2)
+    assert (head, received) == (b"Return-Path: <x@outside.example>",
+                                b"Delivered-To: <Bob@local.example>")
+    stamp = re.fullmatch(
+        rb"Received: from client\.example \(\[127\.0\.0\.1\]\)\n"
+        rb"\tby relay\.test \(relaygw\) with ESMTP id " + queue_id.encode() + rb"\n"
+        rb"\tfor <Bob@local\.example>; [^\n]+\n", rest[:rest.index(b"\nFrom: ") + 1])
+    assert stamp, rest
+    assert rest[stamp.end():] == BODY.replace(b"\r\n", b"\n")
+    assert b"\r" not in data
     assert wait_until(lambda: daemon.queued() == [])
     assert f"attempt id={queue_id} to=<Bob@local.example> route=routes[0]" in daemon.logs()
     assert "status=sent" in daemon.logs()
@@ -116,7 +123,8 @@ def test_5xx_produces_exactly_one_bounce(daemon, capture):
     queue_id = send(daemon, sender="a@local.example", rcpts=("nobody@remote.example",))
     (dsn_path,) = wait_until(lambda: mailbox(daemon, "local.example", "a"))
     dsn = dsn_path.read_bytes()
-    assert dsn.startswith(b"Return-Path: <>\r\nDelivered-To: <a@local.example>\r\n")
+    assert dsn.startswith(b"Return-Path: <>\nDelivered-To: <a@local.example>\n")
+    assert b"\r" not in dsn
     assert b"Auto-Submitted: auto-replied" in dsn
     assert b"Final-Recipient: rfc822; nobody@remote.example" in dsn
     assert b"Action: failed" in dsn and b"Status: 5.1.1" in dsn

@@ -3,6 +3,8 @@ and against its spool when it is stopped."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
 import smtplib
@@ -232,6 +234,102 @@ def test_bounce_sends_the_sender_a_dsn(daemon, cli):
     assert first.encode() in dsn
     assert wait_until(lambda: daemon.queued() == [second])
     assert ids(cli, daemon) == [second]
+
+
+def test_actions_on_all_messages_the_filters_select(daemon, cli):
+    first, second = start_with_two(daemon)
+    third = send(daemon, "e@local.example", ("f@second.example",))
+    assert wait_until(lambda: daemon.logs().count("status=deferred") >= 3)
+
+    result = run(cli, daemon, "queue", "hold", "--all", "--route", "routes[0]")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"held {second}\nheld {third}\n"
+    assert states(cli, daemon) == {first: ["deferred"], second: ["held"], third: ["held"]}
+    result = run(cli, daemon, "queue", "release", "--all", "--sender", "*@LOCAL.example",
+                 "--json")
+    assert (result.returncode, json.loads(result.stdout)) == (0, [first, third])
+    assert states(cli, daemon)[third] == ["deferred"]
+    result = run(cli, daemon, "queue", "flush", "--all", "--recipient-domain", "remote.example")
+    assert (result.returncode, result.stdout) == (0, f"flushed {first}\n")
+    assert wait_until(lambda: daemon.logs().count(f"attempt id={first}") == 2)
+    result = run(cli, daemon, "queue", "delete", "--all", "--older-than", "1h")
+    assert (result.returncode, result.stdout) == (0, "nothing deleted: no queued message "
+                                                     "matches\n")
+    result = run(cli, daemon, "queue", "delete", "--all", "--sender", "c@*", "--route", "0")
+    assert (result.returncode, result.stdout) == (0, f"deleted {second}\n")
+    assert wait_until(lambda: daemon.queued() == sorted([first, third]))
+    result = run(cli, daemon, "queue", "delete", "--all")  # postsuper -d ALL
+    assert result.returncode == 0
+    assert sorted(result.stdout.splitlines()) == sorted([f"deleted {first}",
+                                                         f"deleted {third}"])
+    assert wait_until(lambda: daemon.queued() == [])
+    result = run(cli, daemon, "queue", "hold", "--all")
+    assert (result.returncode, result.stdout) == (0, "nothing held: the queue is empty\n")
+    assert "bounced id=" not in daemon.logs()
+
+
+def test_ids_and_all_and_filters_are_used_as_meant(daemon, cli):
+    first, _ = start_with_two(daemon)
+    for args in (("hold",), ("bounce", first, "--all"), ("delete", first, "--sender", "a@*")):
+        usage = run(cli, daemon, "queue", *args)
+        assert usage.returncode == 2, args
+        assert usage.stderr.splitlines()[-1].endswith(
+            "give message ids or --all" if "--sender" not in args
+            else "filters select messages only with --all"), usage.stderr
+    assert states(cli, daemon)[first] == ["deferred"]
+
+
+def test_a_route_the_configuration_does_not_have_is_an_error(daemon, cli):
+    first, second = start_with_two(daemon)
+    for command in ("list", "flush", "hold", "release", "delete", "bounce"):
+        extra = () if command == "list" else ("--all",)
+        for route, error in (("routes[2]", "no such route: routes[2] (the configuration has "
+                                           "routes[0] to routes[1])"),
+                             ("5", "no such route: 5 (the configuration has routes[0] to "
+                                   "routes[1])"),
+                             ("nowhere", 'not a route: nowhere (give routes[N], N, or '
+                                         '"none")')):
+            result = run(cli, daemon, "queue", command, *extra, "--route", route)
+            assert (result.returncode, result.stdout) == (1, ""), (command, route)
+            assert result.stderr == f"relaygw: {error}\n", (command, route)
+    assert states(cli, daemon) == {first: ["deferred"], second: ["deferred"]}
+    assert ids(cli, daemon, "--route", "none") == []
+    daemon.stop()  # read-only from the spool: checked against the file's configuration
+    result = run(cli, daemon, "queue", "list", "--route", "routes[2]")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == ("relaygw is not running: reading the spool read-only\n"
+                             "relaygw: no such route: routes[2] (the configuration has "
+                             "routes[0] to routes[1])\n")
+
+
+def test_an_administrators_bounce_says_so_without_a_remote_host(daemon, cli):
+    first, second = start_with_two(daemon, maildir=True)
+    remote = f"127.0.0.1[127.0.0.1]:{daemon.dead_port}"
+    shown = json.loads(run(cli, daemon, "queue", "show", first, "--json").stdout)
+    assert shown["recipients"][0]["remote_host"] == remote  # the attempt that deferred it
+    result = run(cli, daemon, "queue", "bounce", "--all", "--route", "routes[2]")
+    assert (result.returncode, result.stdout) == (0, f"bounced {first}\n")
+    new = daemon.dir / "mail" / "local.example" / "a" / "new"
+    (dsn_path,) = wait_until(lambda: sorted(new.iterdir()) if new.exists() else [])
+    dsn = dsn_path.read_bytes()
+    message = email.message_from_bytes(dsn, policy=email.policy.default)
+    assert (message["Return-Path"], message["To"]) == ("<>", "a@local.example")
+    assert message["Subject"] == "Undelivered Mail Returned to Sender"
+    assert message.get_content_type() == "multipart/report"
+    text, status, headers = message.iter_parts()
+    human = " ".join(text.get_content().split())
+    assert human.endswith("<b@remote.example>: delivery failed: 5.0.0 returned to the sender "
+                          "by the mail administrator")
+    assert " said" not in human and "127.0.0.1" not in human
+    per_message, per_recipient = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; relay.test"
+    assert {k: " ".join(v.split()) for k, v in per_recipient.items()} == {
+        "Final-Recipient": "rfc822; b@remote.example", "Action": "failed", "Status": "5.0.0",
+        "Diagnostic-Code": "x-relaygw; 5.0.0 returned to the sender by the mail "
+                           "administrator"}
+    assert "Subject: queued for later" in headers.get_content()
+    assert b"Remote-MTA" not in dsn and str(daemon.dead_port).encode() not in dsn
+    assert wait_until(lambda: daemon.queued() == [second])
 
 
 def test_reload(daemon, cli):

@@ -907,3 +907,28 @@ def test_blocking_resolver_answers_literals_without_a_query():
     assert blocking_result(resolver.mx_hosts("[192.0.2.1]")) == MXAnswer(
         (MXHost(0, "[192.0.2.1]"),), implicit=True)
     assert blocking_result(resolver.host_addresses("2001:db8::1")) == ["2001:db8::1"]
+
+
+def test_a_sender_the_auth_senders_table_does_not_allow_is_refused_at_mail(config_path):
+    config_path.write_text(CONFIG.replace(
+        '[auth]\nusers_file = "users"\n',
+        '[auth]\nusers_file = "users"\n[auth.senders]\nann = ["ann@example.org"]\n'))
+    config = load_config(config_path)
+    result = explain(config, "ceo@example.org", "bob@corp.example", client_ip="203.0.113.7",
+                     auth_user="ann")
+    assert result["mail_reply"] == "553 5.7.1 Sender address <ceo@example.org> not allowed " \
+                                   "for user ann"
+    assert (result["relay"], result["routes"], result["rcpt_reply"]) == (None, None, None)
+    assert result["notes"][:2] == [
+        "auth.senders binds 'ann' to ann@example.org; <ceo@example.org> matches none of them.",
+        "MAIL FROM is refused, so the client never gets to RCPT TO."]
+    assert render_text(result).startswith(
+        "REFUSED at MAIL FROM: 553 5.7.1 Sender address <ceo@example.org> not allowed for "
+        "user ann\n")
+    allowed = explain(config, "ann@example.org", "bob@corp.example", client_ip="203.0.113.7",
+                      auth_user="ann")
+    assert allowed["mail_reply"] == "250 2.1.0 Sender <ann@example.org> OK"
+    assert allowed["accepted"] is True
+    anyone = explain(config, "ceo@example.org", "bob@corp.example", client_ip="203.0.113.7",
+                     auth_user="bob")
+    assert anyone["mail_reply"] == "250 2.1.0 Sender <ceo@example.org> OK"

@@ -63,6 +63,7 @@ class Harness:
         self.min_free_space = 0
         self.aliases = {}
         self.routes = [{"action": "mx"}]
+        self.auth = {}  # the [auth] table
         self.queued = []
 
     def config(self):
@@ -72,6 +73,7 @@ class Harness:
             "access": {"trusted_networks": ["127.0.0.0/8"], "relay_domains": self.relay_domains},
             "aliases": self.aliases,
             "routes": self.routes,
+            "auth": self.auth,
         }, Path("/nonexistent"))
 
     def factory(self, policy=None, **settings):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.smtp import auth
@@ -213,7 +215,55 @@ def test_set_password_replaces_one_user_and_keeps_the_rest(tmp_path: Path) -> No
     assert verify_password("new-pw-42", users["alice"])
     assert not verify_password("old-pw", users["alice"])
     assert "new-pw-42" not in after
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # the mode the file had
+
+
+def test_set_password_keeps_the_files_mode(tmp_path: Path, permissive_umask: None) -> None:
+    path = tmp_path / "users"
+    set_password(path, "alice", "pw-1")
+    path.chmod(0o640)  # e.g. root:relaygw, readable by the daemon's group
+    set_password(path, "bob", "pw-2")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert list(load_users(path)) == ["alice", "bob"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_set_password_as_root_keeps_the_files_owner_and_group(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    set_password(path, "alice", "pw-1")
+    os.chown(path, 65534, 65533)  # nobody, and a group root is not in
+    set_password(path, "bob", "pw-2")
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (65534, 65533, 0o600)
+    assert list(load_users(path)) == ["alice", "bob"]
+
+
+def test_set_password_refuses_what_would_change_the_owner(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "users"
+    set_password(path, "alice", "pw-1")
+    before = path.read_bytes()
+    real_stat = Path.stat
+
+    def owned_by_someone_else(self, *args, **kwargs):
+        info = real_stat(self, *args, **kwargs)
+        if self != path:
+            return info
+        fields = list(info)
+        fields[stat.ST_UID] = info.st_uid + 1
+        return os.stat_result(fields)
+
+    def refused(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "stat", owned_by_someone_else)
+    monkeypatch.setattr(os, "fchown", refused)
+    with pytest.raises(UsersFileError) as info:
+        set_password(path, "bob", "pw-2")
+    uid, gid = real_stat(path).st_uid + 1, real_stat(path).st_gid
+    assert info.value.problems == [
+        f"{path}: cannot keep its owner {uid}:{gid} (run relaygw passwd as root or as that user)"]
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users"]
 
 
 def test_set_password_appends_new_user(tmp_path: Path) -> None:
@@ -442,6 +492,100 @@ def test_authenticator_without_users(threadpool: ThreadPool, reactor) -> None:
     authenticator = Authenticator({}, threadpool, reactor)
     assert authenticator.has_users is False
     assert (yield authenticator.check(Credentials("alice", "pw"))) is False
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest_twisted.inlineCallbacks
+def test_authenticator_rereads_the_users_file_when_it_changes(
+        tmp_path: Path, threadpool: ThreadPool, reactor) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"alice:{hash_password('alice-pw', **FAST)}\n")
+    clock = FakeClock()
+    authenticator = Authenticator(load_users(path), threadpool, reactor, source=path,
+                                  clock=clock)
+    assert (yield authenticator.check(Credentials("alice", "alice-pw"))) is True
+    # A user added as `relaygw passwd` adds one: a new file renamed into place. Less
+    # than a second after the last look, the failed check looks again at once.
+    set_password(path, "bob", "bob-pw")
+    clock.now += 0.5
+    assert (yield authenticator.check(Credentials("bob", "bob-pw"))) is True
+    assert (yield authenticator.check(Credentials("alice", "alice-pw"))) is True
+    assert (yield authenticator.check(Credentials("bob", "wrong"))) is False
+
+    # A broken file keeps the users read before; once fixed, it is read again.
+    good = path.read_text()
+    path.write_text(good + "garbage\n")
+    clock.now += 1
+    with capturedLogs() as broken:
+        assert (yield authenticator.check(Credentials("bob", "bob-pw"))) is True
+    path.write_text(f"carol:{hash_password('carol-pw', **FAST)}\n")
+    clock.now += 1
+    with capturedLogs() as fixed:
+        assert (yield authenticator.check(Credentials("carol", "carol-pw"))) is True
+    assert (yield authenticator.check(Credentials("bob", "bob-pw"))) is False
+
+    # A removed file keeps them too.
+    path.unlink()
+    clock.now += 1
+    with capturedLogs() as removed:
+        assert (yield authenticator.check(Credentials("carol", "carol-pw"))) is True
+    assert [(e["log_level"], formatEvent(e)) for e in broken + fixed + removed] == [
+        (LogLevel.warn, f"auth: cannot re-read {path}; keeping the 2 user(s) read before: "
+                        f"{path}: line 3: expected name:hash"),
+        (LogLevel.info, f"auth: {path} re-read: 1 user(s)"),
+        (LogLevel.warn, f"auth: cannot look at {path}: No such file or directory; keeping "
+                        "the 1 user(s) read before"),
+    ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_authenticator_stats_the_file_at_most_once_a_second(
+        tmp_path: Path, threadpool: ThreadPool, reactor, monkeypatch) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"alice:{hash_password('alice-pw', **FAST)}\n")
+    clock = FakeClock()
+    authenticator = Authenticator(load_users(path), threadpool, reactor, source=path,
+                                  clock=clock)
+    looks: list[bool] = []
+    real_stat = os.stat
+
+    def recording_stat(target, *args, **kwargs):
+        if target == path:
+            looks.append(threading.current_thread() is threading.main_thread())
+        return real_stat(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", recording_stat)
+    for _ in range(5):
+        assert (yield authenticator.check(Credentials("alice", "alice-pw"))) is True
+    clock.now += 1
+    assert (yield authenticator.check(Credentials("alice", "alice-pw"))) is True
+    assert looks == [False, False]  # twice, never on the reactor thread
+    assert (yield authenticator.check(Credentials("alice", "wrong"))) is False
+    assert looks == [False, False, False]  # a failure looks again, at once
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_empty_users_file_offers_auth_once_a_user_is_added(
+        tmp_path: Path, threadpool: ThreadPool, reactor) -> None:
+    path = tmp_path / "users"
+    path.write_text("# no users yet\n")
+    authenticator = Authenticator(load_users(path), threadpool, reactor, source=path,
+                                  clock=FakeClock())
+    set_password(path, "alice", "alice-pw")
+    assert authenticator.has_users is False  # looks in the pool; the next EHLO sees it
+    for _ in range(500):  # the look's answer comes back through the reactor
+        if authenticator.has_users:
+            break
+        yield deferLater(reactor, 0.01, lambda: None)
+    assert authenticator.has_users is True
+    assert (yield authenticator.check(Credentials("alice", "alice-pw"))) is True
 
 
 def test_authenticator_copies_users(threadpool: ThreadPool, reactor) -> None:

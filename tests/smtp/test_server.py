@@ -462,11 +462,40 @@ def test_auth_plain_after_tls_succeeds_and_lets_the_client_relay(harness):
     assert s.send("AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n") == ["503 5.5.1 Already authenticated"]
 
 
+def raw(session, data: str) -> bytes:
+    """What the server wrote in answer to ``data``, byte for byte."""
+    session.proto.dataReceived(data.encode())
+    out = session.transport.value()
+    session.transport.clear()
+    return out
+
+
 def test_auth_login_flow(harness):
     s = tls_session(harness)
-    assert s.send("AUTH LOGIN\r\n") == ["334 VXNlcm5hbWU6"]
-    assert s.send("YWxpY2U=\r\n") == ["334 UGFzc3dvcmQ6"]
-    assert s.send("czNjcmV0\r\n") == ["235 2.7.0 Authentication successful"]
+    assert raw(s, "AUTH LOGIN\r\n") == b"334 VXNlcm5hbWU6\r\n"
+    assert raw(s, "YWxpY2U=\r\n") == b"334 UGFzc3dvcmQ6\r\n"
+    assert raw(s, "czNjcmV0\r\n") == b"235 2.7.0 Authentication successful\r\n"
+    assert s.proto._session.auth_user == "alice"
+
+
+def test_auth_plain_without_initial_response_gets_an_empty_challenge_with_its_space(harness):
+    # RFC 4954 4: continue-req = "334" SP [base64] CRLF. s-nail waits for the space.
+    s = tls_session(harness)
+    assert raw(s, "AUTH PLAIN\r\n") == b"334 \r\n"
+    assert raw(s, "AGFsaWNlAHMzY3JldA==\r\n") == b"235 2.7.0 Authentication successful\r\n"
+    assert s.proto._session.auth_user == "alice"
+
+
+def test_two_step_plain_with_a_wrong_password_and_cancelled_exchanges(harness):
+    s = tls_session(harness)
+    assert raw(s, "AUTH PLAIN\r\n") == b"334 \r\n"
+    assert raw(s, "*\r\n") == b"501 5.7.0 Authentication cancelled\r\n"
+    assert raw(s, "AUTH LOGIN\r\n") == b"334 VXNlcm5hbWU6\r\n"
+    assert raw(s, "*\r\n") == b"501 5.7.0 Authentication cancelled\r\n"
+    assert raw(s, "AUTH PLAIN\r\n") == b"334 \r\n"
+    assert raw(s, "AGFsaWNlAHdyb25n\r\n") == b""  # answered after the failure delay
+    harness.clock.advance(1)
+    assert s.transport.value() == b"535 5.7.8 Authentication credentials invalid\r\n"
 
 
 def test_wrong_password_is_answered_after_a_delay_and_three_failures_close(harness):
@@ -503,6 +532,29 @@ def test_authenticated_untrusted_client_may_relay(harness):
     s.send("MAIL FROM:<alice@c.example>\r\n")
     assert s.send("RCPT TO:<x@anywhere.example>\r\n") == [
         "250 2.1.5 Recipient <x@anywhere.example> OK"]
+
+
+def test_a_bound_user_may_use_only_its_senders(harness):
+    harness.auth = {"senders": {"alice": ["alice@c.example", "*@team.c.example"]}}
+    s = tls_session(harness, client_ip="192.0.2.9")
+    s.send("AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n")
+    assert raw(s, "MAIL FROM:<ceo@c.example>\r\n") == (
+        b"553 5.7.1 Sender address <ceo@c.example> not allowed for user alice\r\n")
+    assert raw(s, "MAIL FROM:<Alice@C.Example>\r\n") == (
+        b"250 2.1.0 Sender <Alice@c.example> OK\r\n")
+    s.send("RSET\r\n")
+    assert s.send("MAIL FROM:<x@team.c.example>\r\n") == ["250 2.1.0 Sender <x@team.c.example> OK"]
+    s.send("RSET\r\n")
+    assert s.send("MAIL FROM:<>\r\n") == ["250 2.1.0 Sender <> OK"]
+
+
+def test_a_user_not_listed_and_an_anonymous_client_may_use_any_sender(harness):
+    harness.auth = {"senders": {"bob": ["bob@c.example"]}}
+    s = tls_session(harness)
+    assert s.send("MAIL FROM:<ceo@c.example>\r\n") == ["250 2.1.0 Sender <ceo@c.example> OK"]
+    s.send("RSET\r\n")
+    s.send("AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n")
+    assert s.send("MAIL FROM:<ceo@c.example>\r\n") == ["250 2.1.0 Sender <ceo@c.example> OK"]
 
 
 def test_bare_auth_is_a_syntax_error(harness):
