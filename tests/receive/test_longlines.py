@@ -8,7 +8,7 @@ from email.message import Message
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 
 from relaygw.receive.longlines import LIMIT, LongLineStream
 
@@ -230,7 +230,6 @@ def test_one_log_line_says_what_was_done():
     assert event["log_namespace"] == "relaygw.smtp.server"
     assert {k: event[k] for k in ("queue_id", "reencoded", "parts", "folded")} == {
         "queue_id": "QID", "reencoded": 1, "parts": 1, "folded": 1}
-    from twisted.logger import formatEvent
     assert formatEvent(event) == "long lines id=QID reencoded=1 parts=1 folded=1"
 
 
@@ -243,8 +242,8 @@ def test_nothing_is_logged_when_nothing_was_done():
 # -- any message, any chunking ------------------------------------------------------------
 
 TEXT_LINES = [b"", b"plain", b".", b"..dot", b"-- ", b"--b1x", b"trailing  ", b"tab\t",
-              b"caf\xc3\xa9", b"=3D", b"a\rb", b"c\nd", b"y" * 998, b"z" * 999, LONG,
-              b"w " * 700, b"a" * (75 * 14) + b"--b1"]
+              b"caf\xc3\xa9", b"=3D", b"a\rb", b"c\nd", b"q" * 76, b"r " * 38, b"y" * 998,
+              b"z" * 999, LONG, b"w " * 700, b"a" * (75 * 14) + b"--b1"]
 B64_LINES = [ATTACHMENT, b"QUJD" * 300]
 QP_LINES = [b"plain", b"=C3=A9" * 300, b"soft=", b"x" * 1000]
 HEADER_LINES = [b"X-A: 1", b"X-Long: " + b"h " * 800, b"X-Token: " + b"t" * 1500]
