@@ -22,14 +22,15 @@ none of them leaves the relay (or lands in a Maildir) longer than 998 octets:
 
 It streams. The structure of a part is known from its header, before its body,
 but a long line in the body shows up only after the header that must change.
-So the header and the first ``lookahead`` octets of every candidate text part are
-held back. A long line among them gets the part re-encoded. A part that ends
+So the first ``lookahead`` octets of every candidate text part, its header
+included, are held back. A long line among them gets the part re-encoded. A part that ends
 first, or outgrows the window, goes out unchanged, and a long line after the
 window is folded. Memory per message: the window plus one line.
 
 Boundary lines are recognised as RFC 2046 writes them (``--boundary``, optional
-``--``, optional trailing space or tab). A line that output would make look like
-one of them starts with ``=2D`` instead of ``-`` (it is inside quoted-printable).
+``--``, optional trailing space or tab). A line of the output that would read as
+one of them gets ``=2D`` (quoted-printable's ``-``) for its first ``-``, so the
+structure never changes.
 """
 
 from __future__ import annotations
