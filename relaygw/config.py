@@ -31,6 +31,7 @@ LISTENER_AUTH = ("none", "optional", "required")
 SMARTHOST_TLS = ("none", "opportunistic", "require", "verify", "implicit")
 DELIVERY_TLS = ("none", "opportunistic", "require", "verify")
 BARE_NEWLINES = ("reject", "normalize")
+LONG_LINES = ("accept", "reject")
 ROUTE_ACTIONS = ("maildir", "smarthost", "mx", "reject")
 MATCH_KEYS = ("recipient_domains", "recipients", "senders", "client_networks", "authenticated")
 MAILDIR_PLACEHOLDERS = ("domain", "localpart")
@@ -85,6 +86,10 @@ class ServerConfig:
     max_connections: int = 1000
     max_connections_per_client: int = 50
     bare_newlines: str = "reject"
+    # "accept": DATA lines up to max_line_length octets (CRLF included) are taken and
+    # re-encoded or folded to 998 in the receive stage; "reject": over 1000 is refused.
+    long_lines: str = "accept"
+    max_line_length: int = 1048576
     max_errors: int = 20  # protocol errors in one session before 421 4.7.0 and close
     min_free_space: int = 2 * 36700160  # bytes kept free on the spool's filesystem
     shutdown_grace: float = 30.0  # seconds for sessions and deliveries to finish on SIGTERM
@@ -467,6 +472,9 @@ def _server(r: _Reader, t: dict[str, Any]) -> ServerConfig:
         return r.integer(t, key, "server", getattr(defaults, key), minimum)
 
     size = integer("max_message_size", 1024)
+    long_lines = r.choice(t, "long_lines", "server", LONG_LINES, defaults.long_lines)
+    if long_lines == "reject" and "max_line_length" in t:
+        r.warn("server.max_line_length", 'has no effect with server.long_lines = "reject"')
     return ServerConfig(
         # gethostname, never getfqdn: getfqdn blocks on DNS.
         hostname=r.string(t, "hostname", "server", None, _hostname) or socket.gethostname().lower(),
@@ -478,6 +486,8 @@ def _server(r: _Reader, t: dict[str, Any]) -> ServerConfig:
         max_connections=integer("max_connections", 1),
         max_connections_per_client=integer("max_connections_per_client", 1),
         bare_newlines=r.choice(t, "bare_newlines", "server", BARE_NEWLINES, defaults.bare_newlines),
+        long_lines=long_lines,
+        max_line_length=integer("max_line_length", 1000),
         max_errors=integer("max_errors", 1),
         min_free_space=r.integer(t, "min_free_space", "server", 2 * size, 0),
         shutdown_grace=r.seconds(t, "shutdown_grace", "server", defaults.shutdown_grace),

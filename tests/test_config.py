@@ -330,6 +330,34 @@ def test_min_free_space_follows_max_message_size() -> None:
     assert config.server.min_free_space == 0
 
 
+def test_long_lines_are_accepted_up_to_a_mebibyte_by_default() -> None:
+    server = parse(LISTENER).server
+    assert (server.long_lines, server.max_line_length) == ("accept", 1048576)
+    server = parse(LISTENER + '[server]\nlong_lines = "reject"\n').server
+    assert server.long_lines == "reject"
+    server = parse(LISTENER + "[server]\nmax_line_length = 1000\n").server
+    assert server.max_line_length == 1000
+
+
+def test_long_line_settings_are_checked_by_key() -> None:
+    assert problems(LISTENER + """
+[server]
+long_lines = "fold"
+max_line_length = 999
+""") == [
+        'server.long_lines: must be one of accept, reject (got "fold")',
+        "server.max_line_length: must be >= 1000 (got 999)",
+    ]
+    assert problems(LISTENER + '[server]\nmax_line_length = "1M"\n') == [
+        'server.max_line_length: must be an integer (got "1M")']
+
+
+def test_max_line_length_with_reject_is_a_warning() -> None:
+    config = parse(LISTENER + '[server]\nlong_lines = "reject"\nmax_line_length = 65536\n')
+    assert config.warnings == (
+        'server.max_line_length: has no effect with server.long_lines = "reject"',)
+
+
 def test_default_config(tmp_path: Path) -> None:
     data_dir = tmp_path / "relaygw-data"
     config = default_config(data_dir)

@@ -37,9 +37,11 @@ from relaygw.delivery.relay import RelayCourier
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.store import Spool, StoredMessage
 from relaygw.receive.cleanup import Cleanup, ReceiveMetrics
+from relaygw.receive.longlines import LongLines
 from relaygw.receive.policy import ConfiguredPolicy
 from relaygw.receive.transforms import MessageTransform, ReceivedHeader
 from relaygw.smtp.auth import Authenticator, UsersFileError, load_users
+from relaygw.smtp.framing import MAX_LINE
 from relaygw.smtp.server import (
     ConnectionCounter,
     MessageSink,
@@ -130,6 +132,8 @@ def server_settings(config: Config, listener: ListenerConfig, tls: Any) -> Serve
         idle_timeout=config.server.idle_timeout,
         max_errors=config.server.max_errors,
         normalize_bare_newlines=config.server.bare_newlines == "normalize",
+        max_line_length=(config.server.max_line_length if config.server.long_lines == "accept"
+                         else MAX_LINE),
         tls_mode=listener.tls,
         require_tls=listener.require_tls,
         auth_mode=listener.auth,
@@ -185,7 +189,10 @@ def build_sessions(config: Config, prepared: Prepared,
 
 def transforms(config: Config) -> Sequence[MessageTransform]:
     """The receive stage's transforms, in the order they apply."""
-    return (ReceivedHeader(config.server.hostname),)
+    received = ReceivedHeader(config.server.hostname)
+    if config.server.long_lines == "reject":
+        return (received,)  # no line over 998 octets gets in
+    return (received, LongLines())
 
 
 def build_cleanup(spool: Spool, hand_off: Callable[[StoredMessage], None],

@@ -19,7 +19,13 @@ _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BARE_NEWLINE = Reply(550, "5.5.2", "Message contains bare CR or LF characters")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Message contains a line longer than 1000 octets")
+
+
+def line_too_long(max_line: int) -> Reply:
+    return Reply(500, "5.5.2", f"Message contains a line longer than {max_line} octets")
+
+
+LINE_TOO_LONG = line_too_long(MAX_LINE)
 
 
 class DataReader:
@@ -30,6 +36,9 @@ class DataReader:
     it (pipelined commands). ``problem`` then says why the message must be
     refused, if it must: the stream is always read to its end first, so the
     session stays in sync whatever the content was.
+
+    ``max_line`` is the longest line accepted, in octets with its CRLF: RFC 5321's
+    1000, or more when the receive stage re-encodes long lines before they go out.
     """
 
     def __init__(self, max_size: int, *, normalize_bare_newlines: bool = False,
@@ -58,7 +67,7 @@ class DataReader:
         if self.bare_newline and not self.normalize:
             return BARE_NEWLINE
         if self.line_too_long:
-            return LINE_TOO_LONG
+            return line_too_long(self.max_line)
         return None
 
     def feed(self, data: bytes) -> bytes:
@@ -118,7 +127,8 @@ class DataReader:
         if self.in_headers:
             self._scan_headers(out, line_start)
         self.size += len(out)
-        if self.size > self.max_size or (self.bare_newline and not self.normalize):
+        if (self.size > self.max_size or self.line_too_long
+                or (self.bare_newline and not self.normalize)):
             return b""  # refused anyway: stop storing, keep reading to the end
         return out
 

@@ -33,7 +33,7 @@ from relaygw.observe import fields
 from relaygw.observe.null import NO_METRICS
 from relaygw.smtp import auth as sasl
 from relaygw.smtp.arguments import parse_helo, parse_mail_from, parse_rcpt_to
-from relaygw.smtp.framing import DataReader
+from relaygw.smtp.framing import MAX_LINE, DataReader
 from relaygw.smtp.replies import (
     BARE_NEWLINE_COMMAND,
     LINE_TOO_LONG,
@@ -74,6 +74,7 @@ class ServerSettings:
     idle_timeout: float = 300.0
     max_errors: int = 20
     normalize_bare_newlines: bool = False
+    max_line_length: int = MAX_LINE  # DATA line octets with CRLF; longer refuses the message
     tls_mode: str = "none"  # none | starttls | implicit
     require_tls: bool = False
     auth_mode: str = "none"  # none | optional | required
@@ -755,7 +756,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self._tls_info()
         self._message = self.sink.begin(self._session, transaction)
         self._reader = DataReader(self.settings.max_message_size,
-                                  normalize_bare_newlines=self.settings.normalize_bare_newlines)
+                                  normalize_bare_newlines=self.settings.normalize_bare_newlines,
+                                  max_line=self.settings.max_line_length)
         self._mode = _DATA
         self._send(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
 

@@ -7,7 +7,15 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaygw.smtp.framing import BARE_NEWLINE, LINE_TOO_LONG, TOO_BIG, DataReader, DotStuffer
+from relaygw.smtp.framing import (
+    BARE_NEWLINE,
+    LINE_TOO_LONG,
+    TOO_BIG,
+    DataReader,
+    DotStuffer,
+    line_too_long,
+)
+from relaygw.smtp.replies import Reply
 
 FRAGMENTS = [b"a", b"Subject: x", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.\r\n", b".\r\n",
              b"x" * 30, b"Received: y\r\n", b"\x00", b"\r\n\r\n", b"\n.\n", b"\r.\r"]
@@ -38,7 +46,7 @@ def model(stream: bytes, max_size: int, max_line: int, normalize: bool):
     elif bare and not normalize:
         problem = BARE_NEWLINE
     elif too_long:
-        problem = LINE_TOO_LONG
+        problem = line_too_long(max_line)
     else:
         problem = None
     return content, rest, problem, hops
@@ -110,6 +118,40 @@ def test_memory_stays_bounded_for_a_line_without_end():
         assert len(reader._pending) <= 1001
     reader.feed(b"\r\n.\r\n")
     assert reader.done and reader.problem == LINE_TOO_LONG
+
+
+def test_a_line_at_the_cap_is_accepted():
+    line = b"w" * 65534  # 65536 octets with its CRLF
+    stream = b"Subject: x\r\n\r\n" + line + b"\r\n.\r\n"
+    for chunks in ([stream], [stream[i:i + 4096] for i in range(0, len(stream), 4096)]):
+        reader, content = run_reader(chunks, 10**6, 65536, False)
+        assert reader.done and reader.problem is None
+        assert content == b"Subject: x\r\n\r\n" + line + b"\r\n"
+
+
+def test_a_line_over_the_cap_is_refused_after_the_end_and_no_longer_stored():
+    stream = b"Subject: x\r\n\r\n" + b"w" * 65535 + b"\r\nafter\r\n.\r\nQUIT\r\n"
+    for chunks in ([stream], [stream[i:i + 4096] for i in range(0, len(stream), 4096)]):
+        reader, content = run_reader(chunks, 10**6, 65536, False)
+        assert reader.done and reader.remainder == b"QUIT\r\n"
+        assert reader.problem == Reply(500, "5.5.2",
+                                       "Message contains a line longer than 65536 octets")
+        assert b"after" not in content  # refused anyway: nothing after it is stored
+
+
+def test_the_rfc_limit_keeps_its_reply():
+    reader, _ = run_reader([b"x" * 999 + b"\r\n.\r\n"], 10**6, 1000, False)
+    assert reader.problem == LINE_TOO_LONG == Reply(
+        500, "5.5.2", "Message contains a line longer than 1000 octets")
+
+
+def test_memory_stays_bounded_for_a_line_without_end_under_a_larger_cap():
+    reader = DataReader(10**9, max_line=65536)
+    for _ in range(200):
+        reader.feed(b"z" * 65536)
+        assert len(reader._pending) <= 65537
+    reader.feed(b"\r\n.\r\n")
+    assert reader.done and reader.problem == line_too_long(65536)
 
 
 def stuff_model(data: bytes) -> bytes:

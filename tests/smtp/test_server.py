@@ -231,6 +231,26 @@ def test_over_long_data_line_is_refused_after_the_end(harness):
     assert harness.queue_files() == []
 
 
+def test_data_line_up_to_the_configured_cap_is_accepted_and_stored_within_998(harness):
+    s = harness.connect(max_line_length=4096)
+    s.ehlo()
+    line = "z" * 4094  # 4096 octets with its CRLF
+    replies = transaction(s, body="Subject: x\r\n\r\n" + line + "\r\n.\r\n")
+    queue_id = re.fullmatch(r"250 2\.0\.0 Ok: queued as ([0-9A-F]+)", replies[-1]).group(1)
+    stored = harness.message(queue_id)
+    assert max(map(len, stored.split(b"\r\n"))) <= 998
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" in stored
+
+
+def test_data_line_over_the_configured_cap_is_refused_after_the_end(harness):
+    s = harness.connect(max_line_length=4096)
+    s.ehlo()
+    replies = transaction(s, body="Subject: x\r\n\r\n" + "z" * 4095 + "\r\nRSET\r\n.\r\n")
+    assert replies[-1] == "500 5.5.2 Message contains a line longer than 4096 octets"
+    assert harness.queue_files() == []
+    assert s.send("NOOP\r\n") == ["250 2.0.0 OK"]
+
+
 def test_declared_size_over_the_limit_is_refused_at_mail(harness):
     s = harness.connect()
     s.ehlo()
