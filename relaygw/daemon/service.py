@@ -10,10 +10,12 @@ the spool close.
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 from twisted.application import service
@@ -24,15 +26,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relaygw.config import Config, ConfigError, ListenerConfig, load_config
+from relaygw.config import DEFAULT_PATH, Config, ConfigError, ListenerConfig, load_config
 from relaygw.daemon import wiring
 from relaygw.daemon.control import ControlService, socket_path
 from relaygw.daemon.gc_tuning import quiet_garbage_collector
 from relaygw.daemon.listeners import BindingService, ListenError
 from relaygw.daemon.wiring import ConfigHolder, Prepared, StartupError
 from relaygw.daemon.workers.pool import WorkerPool
+from relaygw.observe.logs import reopen_log_files
 from relaygw.queue.manager import QueueManager
-from relaygw.queue.service import SpoolService
+from relaygw.queue.service import SpoolService, SpoolUnusableError
 from relaygw.queue.store import StoredMessage
 from relaygw.smtp.server import ConnectionCounter
 
@@ -104,13 +107,21 @@ class RelayService(_SequentialService):
     def __init__(self, config: Config, reactor: Any, worker_log: str | None = None, *,
                  stranded_after: float = STRANDED_AFTER,
                  run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = deferToThread,
+                 run_as: tuple[int, int] | None = None,
+                 on_fatal: Callable[[str], None] | None = None,
                  ) -> None:
         super().__init__()
         self.reactor = reactor
         self.run_blocking = run_blocking
         self.holder = ConfigHolder(config)
         self.stranded_after = stranded_after
-        core = wiring.build_core(config, self.holder, reactor)
+        self.run_as = run_as  # (uid, gid) twistd switches to after privilegedStartService
+        self.on_fatal = on_fatal  # the process's end: say why, stop, exit non-zero
+        # Every file the configuration names is read now, while privileged (twistd calls
+        # makeService before it drops privileges); a reload reads them again.
+        self.files = wiring.FileReader()
+        prepared = wiring.prepare(config, files=self.files)
+        core = wiring.build_core(config, self.holder, reactor, prepared.delivery)
         self.core = core
         self.spool, self.manager, self.relay = core.spool, core.manager, core.relay
         self.metrics, self.cleanup = core.metrics, core.cleanup
@@ -140,13 +151,14 @@ class RelayService(_SequentialService):
             self.listeners = _SequentialService()
             self.pool = wiring.worker_pool(config, core, self.counter, reactor,
                                            worker_log=worker_log,
-                                           on_worker_died=self._worker_died)
+                                           on_worker_died=self._worker_died,
+                                           on_fatal=self.fatal)
             self.pool.setServiceParent(self.listeners)
         else:
             self.listeners = service.MultiService()  # stopped together: they drain in parallel
         self.listeners.setServiceParent(self)
         self.by_listener: dict[ListenerConfig, Any] = {}
-        self._apply(config, wiring.prepare(config))
+        self._apply(config, prepared)
 
     # -- stranded messages (worker mode) ------------------------------------------
 
@@ -272,7 +284,8 @@ class RelayService(_SequentialService):
                                    wiring.handoff_listener(listener, self.pool, self.reactor),
                                    problems)
         self.pool.grace = config.server.shutdown_grace
-        snapshot = pickle.dumps((config, prepared.users), protocol=pickle.HIGHEST_PROTOCOL)
+        snapshot = pickle.dumps(wiring.worker_setup(config, prepared),
+                                protocol=pickle.HIGHEST_PROTOCOL)
         addresses = frozenset(lc.address for lc in config.listeners)
         restarted = None
         if self.running:
@@ -293,7 +306,7 @@ class RelayService(_SequentialService):
         def read() -> tuple[Config, Prepared]:
             new = load_config(source)
             try:
-                return new, wiring.prepare(new)
+                return new, wiring.prepare(new, files=self.files)
             except StartupError as e:
                 raise ConfigError(str(e).splitlines()) from e
 
@@ -311,7 +324,8 @@ class RelayService(_SequentialService):
             self.holder.current = new
             self._restarted = None
             problems = self._apply(new, prepared)
-            self.relay.reconfigured(wiring.resolver(new, self.reactor, self.core.dns_pool))
+            self.relay.reconfigured(wiring.resolver(new, self.reactor, self.core.dns_pool),
+                                    prepared.delivery)
             if self._restarted is None:
                 return applied(problems, new)
             # Worker mode: the new configuration is in force once its workers are ready.
@@ -341,17 +355,115 @@ class RelayService(_SequentialService):
         # Both paths end in list[str]; the overloads cannot see it through the union.
         return cast("Deferred[list[str]]", d.addCallback(loaded).addErrback(refused))
 
+    # -- start and failure ---------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        """Before twistd drops privileges: the directories the dropped user writes in
+        are made, and given to it (``run_as``), then the listeners bind."""
+        if self.run_as is not None and os.geteuid() == 0:
+            give_to_user(self.holder(), *self.run_as)
+        super().privilegedStartService()
+
     def startService(self) -> None:
-        super().startService()
+        config = self.holder()
+        log.info("configuration {source}", source=describe_source(config),
+                 event="configuration")
+        for warning in config.warnings:
+            log.warn("configuration warning: {warning}", warning=warning)
+        try:
+            super().startService()
+        except SpoolUnusableError as e:
+            self.abandon()
+            raise StartupError(str(e)) from None
+        except StartupError:
+            self.abandon()
+            raise
+        _warn_unwritable_maildirs(config)
         quiet_garbage_collector()
         if self.install_signals:
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+            signal.signal(signal.SIGUSR1,
+                          lambda *_: self.reactor.callFromThread(reopen_log_files))
+
+    def abandon(self) -> None:
+        """Start-up failed: stop the threads already started, so nothing keeps the
+        process alive while it ends."""
+        for pool in (self.core.spool_pool, self.core.auth_pool, self.core.dns_pool):
+            pool.stop()
+
+    def fatal(self, reason: str) -> None:
+        """A failure the daemon cannot serve through (a worker that cannot start):
+        say why, stop."""
+        log.critical("relaygw: {reason}; stopping", reason=reason, event="fatal")
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+
+def describe_source(config: Config) -> str:
+    """Which configuration this is, for the start-up log line."""
+    if config.source_path is not None:
+        return str(config.source_path)
+    return (f"built-in default (no {DEFAULT_PATH}), data in "
+            f"{config.server.spool_dir.parent}")
+
+
+def give_to_user(config: Config, uid: int, gid: int) -> None:
+    """As root, before the drop to ``uid``/``gid``: make the spool's directories (0700)
+    and the fixed part of each Maildir template, and give the ones made (and the spool
+    layout in any case) to that user, so it can write there after the drop. Secrets
+    stay as they are: they were read already."""
+    spool = config.server.spool_dir
+    layout = [spool, spool / "tmp", spool / "queue", spool / "corrupt", spool / "tls"]
+    try:
+        for directory in layout:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The layout and what is directly in it (queued mail of an earlier run as root).
+        entries = [entry for directory in layout[1:] for entry in directory.iterdir()]
+        for path in [*layout, *entries]:
+            if os.lstat(path).st_uid != uid:
+                os.chown(path, uid, gid, follow_symlinks=False)
+    except OSError as e:
+        raise StartupError(f"server.spool_dir: cannot prepare {e.filename or spool} for "
+                           f"uid {uid}: {e.strerror or e}") from None
+    for route in config.routes:
+        base = maildir_base(route.maildir) if route.maildir else None
+        if base is None or base.exists():
+            continue
+        try:
+            base.mkdir(mode=0o750, parents=True)
+            os.chown(base, uid, gid)
+        except OSError as e:
+            raise StartupError(f"routes[{route.index}].maildir: cannot create {base} for "
+                               f"uid {uid}: {e.strerror or e}") from None
+
+
+def maildir_base(template: str) -> Path | None:
+    """The directory of a Maildir template before its first placeholder
+    (``/var/mail/{domain}/{localpart}`` -> ``/var/mail``)."""
+    fixed = template.split("{", 1)[0]
+    base = Path(fixed) if fixed.endswith("/") else Path(fixed).parent
+    return base if base.is_absolute() and base != Path("/") else None
+
+
+def _warn_unwritable_maildirs(config: Config) -> None:
+    """After the drop: a Maildir base this user cannot write in defers every delivery
+    there; say so at start rather than at the first message."""
+    for route in config.routes:
+        base = maildir_base(route.maildir) if route.maildir else None
+        while base is not None and not base.exists() and base != base.parent:
+            base = base.parent
+        if base is not None and not os.access(base, os.W_OK | os.X_OK):
+            log.warn("routes[{index}].maildir: {path} is not writable by this process "
+                     "(uid {uid}): deliveries there will be deferred", index=route.index,
+                     path=str(base), uid=os.geteuid())
 
 
 def build_service(config: Config, reactor: Any, install_signals: bool = True,
-                  worker_log: str | None = None) -> RelayService:
+                  worker_log: str | None = None, run_as: tuple[int, int] | None = None,
+                  on_fatal: Callable[[str], None] | None = None) -> RelayService:
     """``worker_log``: the log format when the log goes to standard output (worker
-    processes then write their lines there themselves); None: they send them here."""
-    relay = RelayService(config, reactor, worker_log)
+    processes then write their lines there themselves); None: they send them here.
+    ``run_as``: the (uid, gid) twistd drops to; ``on_fatal``: ends the process."""
+    relay = RelayService(config, reactor, worker_log, run_as=run_as, on_fatal=on_fatal)
     relay.install_signals = install_signals
     return relay

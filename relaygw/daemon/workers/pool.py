@@ -36,7 +36,12 @@ from twisted.python.failure import Failure
 
 from relaygw.config import ListenerConfig
 from relaygw.daemon.listeners import BindingService, ListenError
-from relaygw.daemon.workers.channel import MAX_LINE, METRIC_EVENTS, ChannelFactory
+from relaygw.daemon.workers.channel import (
+    EXIT_CONFIG,
+    MAX_LINE,
+    METRIC_EVENTS,
+    ChannelFactory,
+)
 from relaygw.observe.null import NullMetrics
 from relaygw.queue.store import StoredMessage
 from relaygw.smtp.replies import Reply
@@ -199,6 +204,7 @@ class _Worker:
         self.started = pool.reactor.seconds()
         self.conns: dict[int, tuple[str, str, socket.socket | None]] = {}
         self.exited: Deferred = Deferred()
+        self.cannot_start: str | None = None  # its reason, from an F line
 
     def open_channel(self) -> _WorkerChannel:
         self.channel = _WorkerChannel(self)
@@ -242,6 +248,8 @@ class _Worker:
             pool.log_event(self, rest)
         elif kind == b"H":
             pool.worker_ready(self)
+        elif kind == b"F":
+            self.cannot_start = rest.decode("utf-8", "replace")
 
     def release_all(self) -> None:
         for conn_id in list(self.conns):
@@ -257,7 +265,8 @@ class WorkerPool(service.Service):
                  grace: float = 30.0, command: list[str] | None = None,
                  log_format: str | None = None,
                  on_worker_died: Callable[[], None] | None = None,
-                 backlog: Callable[[], tuple[int, int]] | None = None) -> None:
+                 backlog: Callable[[], tuple[int, int]] | None = None,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.addresses = addresses
@@ -272,6 +281,10 @@ class WorkerPool(service.Service):
         self.log_format = log_format  # set: workers write their log lines to our stdout
         self.on_worker_died = on_worker_died
         self.backlog = backlog  # (attempts in flight, attempts finished so far)
+        # A worker that cannot start for a configuration reason would fail the same way
+        # at every respawn: the daemon stops instead, with this reason.
+        self.on_fatal = on_fatal
+        self._served = False  # some worker has been ready since start-up
         self._flow_paused = False
         self._finished_seen = -1
         self._progress_at = 0.0
@@ -348,6 +361,7 @@ class WorkerPool(service.Service):
 
     def worker_ready(self, worker: _Worker) -> None:
         worker.ready = True
+        self._served = True
         current = [w for w in self.workers if w.generation == worker.generation]
         if worker.generation == self.generation and all(w.ready for w in current) \
                 and len(current) >= self.count:
@@ -383,10 +397,31 @@ class WorkerPool(service.Service):
         self.update_reading()
         if not expected and self.on_worker_died is not None:
             self.on_worker_died()
+        if not expected and code == EXIT_CONFIG and worker.generation == self.generation:
+            self._cannot_start(worker, was_ready)
+            return
         if not expected and worker.generation == self.generation:
             if not was_ready:
                 self._generation_done(False)
             self._schedule_respawn(worker)
+
+    def _cannot_start(self, worker: _Worker, was_ready: bool) -> None:
+        """No respawn: it would fail the same way. At start-up (or a respawn) the daemon
+        stops with the reason; a reload's new worker fails the reload, and the previous
+        workers keep serving."""
+        reason = (f"worker {worker.index} cannot start: "
+                  f"{worker.cannot_start or f'exit code {EXIT_CONFIG}'}")
+        reloading = self._generation_ready is not None and self._served
+        if reloading:
+            log.error("{reason}; the previous workers keep serving", reason=reason,
+                      event="worker_cannot_start")
+            if not was_ready:
+                self._generation_done(False)
+            return
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+        else:
+            log.error("{reason}; not started again", reason=reason, event="worker_cannot_start")
 
     def _schedule_respawn(self, worker: _Worker) -> None:
         lived = self.reactor.seconds() - worker.started
