@@ -32,7 +32,7 @@ from relaygw.daemon.control import ControlService, socket_path
 from relaygw.daemon.gc_tuning import quiet_garbage_collector
 from relaygw.daemon.listeners import BindingService, ListenError
 from relaygw.daemon.wiring import ConfigHolder, Prepared, StartupError
-from relaygw.daemon.workers.pool import WorkerPool
+from relaygw.daemon.workers.pool import WorkerPool, WorkerSpawnError
 from relaygw.observe.logs import reopen_log_files
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.service import SpoolService, SpoolUnusableError
@@ -117,6 +117,7 @@ class RelayService(_SequentialService):
         self.stranded_after = stranded_after
         self.run_as = run_as  # (uid, gid) twistd switches to after privilegedStartService
         self.on_fatal = on_fatal  # the process's end: say why, stop, exit non-zero
+        self._fatal = False
         # Every file the configuration names is read now, while privileged (twistd calls
         # makeService before it drops privileges); a reload reads them again.
         self.files = wiring.FileReader()
@@ -372,7 +373,7 @@ class RelayService(_SequentialService):
             log.warn("configuration warning: {warning}", warning=warning)
         try:
             super().startService()
-        except SpoolUnusableError as e:
+        except (SpoolUnusableError, WorkerSpawnError) as e:
             self.abandon()
             raise StartupError(str(e)) from None
         except StartupError:
@@ -389,11 +390,15 @@ class RelayService(_SequentialService):
         """Start-up failed: stop the threads already started, so nothing keeps the
         process alive while it ends."""
         for pool in (self.core.spool_pool, self.core.auth_pool, self.core.dns_pool):
-            pool.stop()
+            if not pool.joined:
+                pool.stop()
 
     def fatal(self, reason: str) -> None:
         """A failure the daemon cannot serve through (a worker that cannot start):
-        say why, stop."""
+        say why, stop. Only the first counts: the other workers fail alike."""
+        if self._fatal:
+            return
+        self._fatal = True
         log.critical("relaygw: {reason}; stopping", reason=reason, event="fatal")
         if self.on_fatal is not None:
             self.on_fatal(reason)

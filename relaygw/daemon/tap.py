@@ -122,6 +122,8 @@ def stop_failed(reason: str) -> None:
         atexit.register(_exit_failed)
     if reactor.running:
         reactor.stop()
+    else:  # still starting (a worker ended at once): stop as soon as it runs
+        reactor.callWhenRunning(reactor.stop)
 
 
 class _Process(service.MultiService):
@@ -139,18 +141,25 @@ class _Process(service.MultiService):
         try:
             super().privilegedStartService()
         except StartupError as e:
-            self._failed(e)
+            self._failed(str(e))
+        except Exception as e:  # a bug: its traceback goes to the log, one line to stderr
+            log.failure("start-up failed")
+            self._failed(f"cannot start: {type(e).__name__}: {e}", logged=True)
 
     def startService(self) -> None:
         try:
             super().startService()
         except StartupError as e:
-            self._failed(e)
+            self._failed(str(e))
+        except Exception as e:
+            log.failure("start-up failed")
+            self._failed(f"cannot start: {type(e).__name__}: {e}", logged=True)
 
-    def _failed(self, error: StartupError) -> NoReturn:
+    def _failed(self, reason: str, logged: bool = False) -> NoReturn:
         self.relay.abandon()
-        for line in str(error).splitlines():
-            log.critical("relaygw: {reason}", reason=line, event="startup_failed")
+        for line in reason.splitlines():
+            if not logged:
+                log.critical("relaygw: {reason}", reason=line, event="startup_failed")
             _say(f"relaygw: {line}")
         raise SystemExit(EXIT_FAILED)
 

@@ -35,6 +35,8 @@ def _run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"relaygw run: {problem}", file=sys.stderr)
         return 2
+    if args.logfile is not None:
+        argv.append(f"--logfile={args.logfile}")
     if args.user is not None:
         argv += ["--uid", args.user]
     if args.group is not None:
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", help=CONFIG_HELP)
     run.add_argument("--log-format", choices=["text", "json"],
                      help="log lines as text or JSON (default: [log] format)")
+    run.add_argument("--logfile", metavar="PATH",
+                     help="write the log to PATH instead of standard output; SIGUSR1 "
+                          "reopens it (for logrotate)")
     run.add_argument("-u", "--user", metavar="USER",
                      help="after binding the ports and reading the secrets as root, run as "
                           "this user (name or uid; twistd -u)")

@@ -42,10 +42,16 @@ def check_spool(spool: Spool) -> None:
     directories = (spool.directory, spool.tmp_dir, spool.queue_dir, spool.corrupt_dir)
     for directory in directories:
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as e:
-            raise SpoolUnusableError(f"server.spool_dir: cannot create {directory}: {_why(e)}") \
-                from None
+            os.stat(directory)
+        except FileNotFoundError:
+            try:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as e:
+                raise SpoolUnusableError(f"server.spool_dir: cannot create {directory}: "
+                                         f"{_why(e)}") from None
+        except OSError as e:  # a directory on the way that this user may not enter
+            raise SpoolUnusableError(f"server.spool_dir: cannot reach {directory}: "
+                                     f"{_why(e)}") from None
     for directory in directories:
         if not os.access(directory, os.W_OK | os.X_OK,
                          effective_ids=os.access in os.supports_effective_ids):

@@ -22,8 +22,8 @@ from twisted.python.failure import Failure
 
 from relaygw.config import ListenerConfig, default_config
 from relaygw.daemon.wiring import WorkerSetup, prepare, worker_setup
-from relaygw.daemon.workers.channel import EXIT_CONFIG
 from relaygw.daemon.workers import pool as handoff
+from relaygw.daemon.workers.channel import EXIT_CONFIG
 from relaygw.daemon.workers.pool import NO_WORKER, RESPAWN_FIRST, HandoffListener, WorkerPool
 from relaygw.daemon.workers.process import (
     ForwardedMetrics,

@@ -21,6 +21,7 @@ import base64
 import errno
 import json
 import os
+import pwd
 import socket
 import sys
 from collections.abc import Callable
@@ -68,6 +69,20 @@ FLOW_LOW = 500
 FLOW_STALL = 1.0
 FLOW_POLL = 0.1  # seconds between checks while paused
 NO_WORKER = Reply(421, "4.3.0", "Service temporarily unavailable, try again later", close=True)
+
+
+class WorkerSpawnError(Exception):
+    """A worker process cannot be started; the message names the key and the reason."""
+
+
+def _why(e: OSError) -> str:
+    why = e.strerror or str(e)
+    if isinstance(e, PermissionError) and os.geteuid() != 0:
+        try:
+            why += f" (relaygw runs as {pwd.getpwuid(os.geteuid()).pw_name})"
+        except KeyError:
+            why += f" (relaygw runs as uid {os.geteuid()})"
+    return why
 
 
 class HandoffListener(BindingService):
@@ -175,7 +190,11 @@ class _WorkerChannel(LineOnlyReceiver):
                   n=MAX_LINE)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.worker.channel = None
+        worker = self.worker
+        worker.channel = None
+        if worker.reason_awaited is not None:
+            was_ready, worker.reason_awaited = worker.reason_awaited, None
+            worker.pool._cannot_start(worker, was_ready)
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -183,7 +202,13 @@ class _WorkerProcess(ProcessProtocol):
         self.worker = worker
 
     def processEnded(self, reason: Failure) -> None:
-        self.worker.pool.worker_ended(self.worker, reason)
+        worker = self.worker
+        if worker.process is None:
+            # It ended inside spawnProcess (Twisted reaps at once): let _spawn finish
+            # recording it and connecting its channel first.
+            worker.pool.reactor.callLater(0, worker.pool.worker_ended, worker, reason)
+            return
+        worker.pool.worker_ended(worker, reason)
 
 
 class _Worker:
@@ -205,6 +230,9 @@ class _Worker:
         self.conns: dict[int, tuple[str, str, socket.socket | None]] = {}
         self.exited: Deferred = Deferred()
         self.cannot_start: str | None = None  # its reason, from an F line
+        # Ended with EXIT_CONFIG before its F line was read: (was it ready), until the
+        # channel's end, which comes after every line the worker wrote.
+        self.reason_awaited: bool | None = None
 
     def open_channel(self) -> _WorkerChannel:
         self.channel = _WorkerChannel(self)
@@ -326,7 +354,13 @@ class WorkerPool(service.Service):
         self.addresses = addresses
         self.snapshot = snapshot
         self._cancel_respawns()
-        return self._start_generation()
+        try:
+            return self._start_generation()
+        except WorkerSpawnError as e:
+            log.error("{reason}; the previous workers keep serving", reason=str(e),
+                      event="worker_cannot_start")
+            self._generation_done(False)
+            return succeed(False)
 
     def _cancel_respawns(self) -> None:
         for call in self._respawns.values():
@@ -346,9 +380,13 @@ class WorkerPool(service.Service):
             args = [*self.command, "--index", str(index), "--fd", "3"]
             if self.log_format is not None:
                 args += ["--log-stdout", self.log_format]
-            worker.process = self.reactor.spawnProcess(
-                _WorkerProcess(worker), self.command[0], args, env=dict(os.environ),
-                childFDs={1: 1, 2: 2, 3: worker_end.fileno()})
+            try:
+                worker.process = self.reactor.spawnProcess(
+                    _WorkerProcess(worker), self.command[0], args, env=dict(os.environ),
+                    childFDs={1: 1, 2: 2, 3: worker_end.fileno()})
+            except OSError as e:
+                raise WorkerSpawnError(f"server.workers: cannot start a worker process "
+                                       f"({self.command[0]}): {_why(e)}") from None
             self.reactor.adoptStreamConnection(main_end.fileno(), socket.AF_UNIX,
                                                ChannelFactory(worker.open_channel))
         finally:
@@ -382,11 +420,17 @@ class WorkerPool(service.Service):
         if worker in self.workers:
             self.workers.remove(worker)
         worker.release_all()
-        if worker.channel is not None and worker.channel.transport is not None:
-            worker.channel.transport.loseConnection()
         code = getattr(reason.value, "exitCode", None)
         signal_number = getattr(reason.value, "signal", None)
         expected = worker.retired or self._stopping
+        config_exit = not expected and code == EXIT_CONFIG \
+            and worker.generation == self.generation
+        # A worker that cannot start said why in its last line, perhaps not read yet:
+        # its channel then stays open until that line and the end of it come in.
+        awaiting = config_exit and worker.cannot_start is None and worker.channel is not None
+        if worker.channel is not None and worker.channel.transport is not None \
+                and not awaiting:
+            worker.channel.transport.loseConnection()
         if expected and code == 0:
             log.info("worker {index} exited", index=worker.index, event="worker_exited")
         else:
@@ -397,8 +441,11 @@ class WorkerPool(service.Service):
         self.update_reading()
         if not expected and self.on_worker_died is not None:
             self.on_worker_died()
-        if not expected and code == EXIT_CONFIG and worker.generation == self.generation:
-            self._cannot_start(worker, was_ready)
+        if config_exit:
+            if awaiting:
+                worker.reason_awaited = was_ready
+            else:
+                self._cannot_start(worker, was_ready)
             return
         if not expected and worker.generation == self.generation:
             if not was_ready:
@@ -432,7 +479,13 @@ class WorkerPool(service.Service):
         def respawn() -> None:
             self._respawns.pop(worker.index, None)
             if not self._stopping and worker.generation == self.generation:
-                self._spawn(worker.index, self.generation)
+                try:
+                    self._spawn(worker.index, self.generation)
+                except WorkerSpawnError as e:
+                    if self.on_fatal is not None:
+                        self.on_fatal(str(e))
+                    else:
+                        log.error("{reason}", reason=str(e), event="worker_cannot_start")
 
         self._respawns[worker.index] = self.reactor.callLater(pause, respawn)
 
