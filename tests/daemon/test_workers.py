@@ -539,6 +539,19 @@ def test_a_worker_that_cannot_start_stops_the_daemon_instead_of_respawning(event
     assert len(p.reactor.spawned) == 2  # no respawn, ever
 
 
+def test_a_worker_that_ends_with_the_config_status_without_a_reason_still_stops_it(events):
+    p = Pool(count=1)
+    fatal: list[str] = []
+    p.pool.on_fatal = fatal.append
+    p.start()
+    (worker,) = p.pool.workers
+    p.die(worker, code=EXIT_CONFIG, sig=None)
+    assert fatal == []  # its last line may still be on its way
+    p.reactor.advance(handoff.REASON_WAIT)
+    assert fatal == ["worker 0 cannot start: exit code 2"]
+    assert len(p.reactor.spawned) == 1
+
+
 def test_a_reloads_worker_that_cannot_start_fails_the_reload_not_the_daemon(events):
     p = Pool(count=1)
     fatal: list[str] = []
@@ -778,7 +791,7 @@ def test_reload_result_is_false_when_a_new_worker_dies_before_ready():
     pool.restart(2, frozenset([ADDRESS]), NEW_SNAPSHOT).addCallback(result.append)
     p.connect_new()
     a, b = [w for w in pool.workers if w.generation == 2]
-    p.die(a, code=2, sig=None)
+    p.die(a, code=1, sig=None)
     assert result == [False]
     assert not any(w.retired for w in old)  # the old workers keep serving
     client = p.dispatch()

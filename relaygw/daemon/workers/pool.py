@@ -57,6 +57,7 @@ RESPAWN_FIRST = 0.5  # seconds before a dead worker is started again; doubles wh
 RESPAWN_MAX = 30.0
 STABLE_AFTER = 10.0  # a worker that lived this long resets the pause
 KILL_MARGIN = 5.0  # seconds past the shutdown grace before a worker is killed
+REASON_WAIT = 1.0  # seconds a worker's channel may outlive it, for its last lines
 # Flow control: when this many accepted messages wait for a delivery attempt to finish
 # while deliveries are finishing (the relay is slower than its clients, not stuck), new
 # connections wait in the listen backlog until the queue is down to FLOW_LOW. Without
@@ -444,6 +445,7 @@ class WorkerPool(service.Service):
         if config_exit:
             if awaiting:
                 worker.reason_awaited = was_ready
+                self.reactor.callLater(REASON_WAIT, self._reason_not_said, worker)
             else:
                 self._cannot_start(worker, was_ready)
             return
@@ -451,6 +453,15 @@ class WorkerPool(service.Service):
             if not was_ready:
                 self._generation_done(False)
             self._schedule_respawn(worker)
+
+    def _reason_not_said(self, worker: _Worker) -> None:
+        """The channel of a worker that ended with EXIT_CONFIG did not end: go on
+        without its reason."""
+        if worker.reason_awaited is not None:
+            was_ready, worker.reason_awaited = worker.reason_awaited, None
+            if worker.channel is not None and worker.channel.transport is not None:
+                worker.channel.transport.loseConnection()
+            self._cannot_start(worker, was_ready)
 
     def _cannot_start(self, worker: _Worker, was_ready: bool) -> None:
         """No respawn: it would fail the same way. At start-up (or a respawn) the daemon
