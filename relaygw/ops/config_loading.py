@@ -14,8 +14,8 @@ from relaygw.config import CONFIG_ENV, Config, ConfigError, default_path, load
 def source_line(chosen: Path | None) -> str:
     """The line that says which configuration a command chose by itself (no -c)."""
     if chosen is None:
-        return (f"relaygw: no {configuration.DEFAULT_PATH} and no ${CONFIG_ENV}: using the built-in "
-                f"default configuration (data in {Path.cwd() / 'relaygw-data'})")
+        return (f"relaygw: no {configuration.DEFAULT_PATH} and no ${CONFIG_ENV}: using the "
+                f"built-in default configuration (data in {Path.cwd() / 'relaygw-data'})")
     if os.environ.get(CONFIG_ENV):
         return f"relaygw: using {chosen} (from ${CONFIG_ENV})"
     return f"relaygw: using {chosen}"
