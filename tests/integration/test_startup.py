@@ -5,6 +5,7 @@ path; the log file and SIGUSR1."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -347,3 +348,34 @@ def test_version():
 
     result, _ = cli("--version")
     assert (result.returncode, result.stdout) == (0, f"relaygw {__version__}\n")
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")
+def test_the_shipped_logrotate_file_rotates_a_running_daemons_log(daemon):
+    config = daemon.write_config("")
+    log_dir = daemon.dir / "log"
+    log_dir.mkdir()
+    log_file = log_dir / "relaygw.log"
+    start(daemon, [RELAYGW, "run", "-c", str(config), "--logfile", str(log_file)])
+    assert daemon.proc is not None
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    group = grp.getgrgid(os.getegid()).gr_name
+    shipped = (Path(__file__).parents[2] / "contrib" / "logrotate.relaygw").read_text()
+    # The shipped file, for this test's paths, user, and process (no systemd here).
+    rules = (shipped.replace("/var/log/relaygw/relaygw.log", str(log_file))
+             .replace("create 0640 relaygw adm", f"create 0640 {user} {group}")
+             .replace("systemctl kill --signal=USR1 --kill-who=main relaygw.service",
+                      f"kill -USR1 {daemon.proc.pid}"))
+    assert f"{log_file} {{" in rules and f"create 0640 {user}" in rules
+    assert f"kill -USR1 {daemon.proc.pid}" in rules
+    (daemon.dir / "logrotate.conf").write_text(rules)
+    wait_until(lambda: "connect" in log_file.read_text())
+    rotated = subprocess.run(["logrotate", "-f", "-s", str(daemon.dir / "state"),
+                              str(daemon.dir / "logrotate.conf")],
+                             capture_output=True, text=True, timeout=60)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "starting up" in (log_dir / "relaygw.log.1").read_text()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+        assert s.recv(100).startswith(b"220 ")
+    wait_until(lambda: "connect" in log_file.read_text(), detail=log_file.read_text)
+    assert "starting up" not in log_file.read_text()
