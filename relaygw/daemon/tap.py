@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relaygw.config import ConfigError, load
+from relaygw.daemon.listeners import ListenError
 from relaygw.daemon.service import RelayService, build_service
 from relaygw.daemon.wiring import StartupError
 from relaygw.observe.logs import configure_twistd
@@ -140,7 +141,7 @@ class _Process(service.MultiService):
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
-        except StartupError as e:
+        except (StartupError, ListenError) as e:
             self._failed(str(e))
         except Exception as e:  # a bug: its traceback goes to the log, one line to stderr
             log.failure("start-up failed")

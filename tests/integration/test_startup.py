@@ -159,6 +159,17 @@ def test_a_spool_its_user_cannot_write_ends_start_up_with_one_line(daemon, tmp_p
     assert f"[relaygw.tap#critical] {expected}" in result.stdout  # the log says it too
 
 
+def test_a_port_in_use_ends_start_up_with_one_line(daemon):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", daemon.port))
+        busy.listen()
+        result, took = cli("run", "-c", str(daemon.write_config("")), timeout=30)
+    expected = f"relaygw: cannot listen on 127.0.0.1:{daemon.port}: Address already in use"
+    assert (result.returncode, result.stderr) == (1, expected + "\n")
+    assert f"[relaygw.tap#critical] {expected}\n" in result.stdout
+    assert took < WITHIN and "Traceback" not in result.stdout
+
+
 FAKE_WORKER = """#!/bin/sh
 echo "F tls.private_key: cannot read /etc/relaygw/key.pem: Permission denied" >&3
 exit 2
