@@ -8,7 +8,7 @@ import atexit
 import os
 import pwd
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, NoReturn
 
 from twisted.application import service
@@ -133,9 +133,11 @@ class _Process(service.MultiService):
     status 1; otherwise twistd prints a traceback and the thread pools already started
     keep the process alive, listening but never greeting."""
 
-    def __init__(self, relay: RelayService) -> None:
+    def __init__(self, relay: RelayService,
+                 server_options: MutableMapping[str, Any] | None = None) -> None:
         super().__init__()
         self.relay = relay
+        self.server_options = server_options if server_options is not None else {}
         relay.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -162,6 +164,18 @@ class _Process(service.MultiService):
             if not logged:
                 log.critical("relaygw: {reason}", reason=line, event="startup_failed")
             _say(f"relaygw: {line}")
+        # A daemonizing twistd's parent waits for a status from us (its own is written
+        # only for an exception, which would also print a traceback): "1 why" makes it
+        # print the reason and exit 1.
+        pipe = self.server_options.get("statusPipe")
+        if pipe is not None:
+            self.server_options["statusPipe"] = None
+            first = reason.splitlines()[0] if reason else "start-up failed"
+            try:
+                os.write(pipe, b"1 " + f"relaygw: {first}".encode()[:98])
+                os.close(pipe)
+            except OSError:
+                pass
         raise SystemExit(EXIT_FAILED)
 
 
@@ -176,4 +190,4 @@ def makeService(options: Options) -> service.IService:
         for line in str(e).splitlines():
             print(f"relaygw: {line}", file=sys.stderr)
         raise SystemExit(EXIT_FAILED) from None
-    return _Process(relay)
+    return _Process(relay, options.parent)

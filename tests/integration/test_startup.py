@@ -159,6 +159,35 @@ def test_a_spool_its_user_cannot_write_ends_start_up_with_one_line(daemon, tmp_p
     assert f"[relaygw.tap#critical] {expected}" in result.stdout  # the log says it too
 
 
+def test_a_daemonizing_twistd_says_why_and_exits_1(daemon, tmp_path):
+    private = tmp_path / "private"
+    private.mkdir()
+    daemon.spool = private / "spool"
+    config = daemon.write_config("", server_extra="workers = 0\n")
+    argv = [str(BIN / "twistd"), f"--pidfile={tmp_path / 'twistd.pid'}",
+            f"--logfile={tmp_path / 'twistd.log'}"]
+    if ROOT:
+        private.chmod(0o700)
+        argv += ["-u", "nobody", "-g", "nogroup"]
+        expected = (f"relaygw: server.spool_dir: cannot reach {daemon.spool}: Permission "
+                    "denied (relaygw runs as nobody)")
+    else:
+        private.chmod(0o500)
+        expected = (f"relaygw: server.spool_dir: cannot create {daemon.spool}: Permission "
+                    f"denied (relaygw runs as {pwd.getpwuid(os.geteuid()).pw_name})")
+    started = time.monotonic()
+    result = subprocess.run([*argv, "relaygw", "-c", str(config)], capture_output=True,
+                            text=True, timeout=30, cwd=tmp_path)
+    private.chmod(0o700)
+    assert result.returncode == 1
+    assert time.monotonic() - started < WITHIN
+    assert result.stderr.splitlines() == [
+        f"An error has occurred: {expected.encode()[:98]!r}",
+        "Please look at log file for more information."]
+    log = (tmp_path / "twistd.log").read_text()
+    assert f"[relaygw.tap#critical] {expected}\n" in log and "Traceback" not in log
+
+
 def test_a_port_in_use_ends_start_up_with_one_line(daemon):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", daemon.port))
