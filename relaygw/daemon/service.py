@@ -455,12 +455,19 @@ def _warn_unwritable_maildirs(config: Config) -> None:
     there; say so at start rather than at the first message."""
     for route in config.routes:
         base = maildir_base(route.maildir) if route.maildir else None
-        while base is not None and not base.exists() and base != base.parent:
-            base = base.parent
-        if base is not None and not os.access(base, os.W_OK | os.X_OK):
-            log.warn("routes[{index}].maildir: {path} is not writable by this process "
-                     "(uid {uid}): deliveries there will be deferred", index=route.index,
-                     path=str(base), uid=os.geteuid())
+        while base is not None:
+            try:
+                os.stat(base)
+            except FileNotFoundError:  # made at the first delivery: its parent must allow it
+                base = base.parent if base != base.parent else None
+                continue
+            except OSError:
+                pass  # cannot even reach it
+            if not os.access(base, os.W_OK | os.X_OK):
+                log.warn("routes[{index}].maildir: {path} is not writable by this process "
+                         "(uid {uid}): deliveries there will be deferred", index=route.index,
+                         path=str(base), uid=os.geteuid())
+            break
 
 
 def build_service(config: Config, reactor: Any, install_signals: bool = True,

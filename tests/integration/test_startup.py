@@ -315,6 +315,20 @@ def test_dropped_to_nobody_it_accepts_delivers_and_answers_the_queue_tools(share
         0, f"reloaded {config}\n", "")
 
 
+@needs_root
+def test_a_maildir_base_the_dropped_user_cannot_write_is_a_warning_at_start(shared, tmp_path):
+    daemon = shared
+    private = tmp_path / "private"  # pytest's directories are root's alone
+    private.mkdir(mode=0o700)
+    body = (f'[[routes]]\naction = "maildir"\n'
+            f'maildir = "{private}/mail/{{domain}}/{{localpart}}"\n')
+    config = daemon.write_config(body, server_extra="workers = 0\n")
+    start(daemon, [RELAYGW, "run", "-c", str(config), "--user", "nobody", "--group", "nogroup"])
+    assert (f"[relaygw.tap#warn] routes[0].maildir: {private}/mail is not writable by this "
+            f"process (uid {pwd.getpwnam('nobody').pw_uid}): deliveries there will be "
+            "deferred\n") in daemon.logs()
+
+
 def _uid_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
