@@ -15,7 +15,6 @@ import pickle
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, cast
 
 from twisted.application import service
@@ -31,6 +30,7 @@ from relaygw.daemon import wiring
 from relaygw.daemon.control import ControlService, socket_path
 from relaygw.daemon.gc_tuning import quiet_garbage_collector
 from relaygw.daemon.listeners import BindingService, ListenError
+from relaygw.daemon.privileges import give_to_user, warn_unwritable_maildirs
 from relaygw.daemon.wiring import ConfigHolder, Prepared, StartupError
 from relaygw.daemon.workers.pool import WorkerPool, WorkerSpawnError
 from relaygw.observe.logs import reopen_log_files
@@ -379,7 +379,7 @@ class RelayService(_SequentialService):
         except StartupError:
             self.abandon()
             raise
-        _warn_unwritable_maildirs(config)
+        warn_unwritable_maildirs(config)
         quiet_garbage_collector()
         if self.install_signals:
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
@@ -410,64 +410,6 @@ def describe_source(config: Config) -> str:
         return str(config.source_path)
     return (f"built-in default (no {DEFAULT_PATH}), data in "
             f"{config.server.spool_dir.parent}")
-
-
-def give_to_user(config: Config, uid: int, gid: int) -> None:
-    """As root, before the drop to ``uid``/``gid``: make the spool's directories (0700)
-    and the fixed part of each Maildir template, and give the ones made (and the spool
-    layout in any case) to that user, so it can write there after the drop. Secrets
-    stay as they are: they were read already."""
-    spool = config.server.spool_dir
-    layout = [spool, spool / "tmp", spool / "queue", spool / "corrupt", spool / "tls"]
-    try:
-        for directory in layout:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The layout and what is directly in it (queued mail of an earlier run as root).
-        entries = [entry for directory in layout[1:] for entry in directory.iterdir()]
-        for path in [*layout, *entries]:
-            if os.lstat(path).st_uid != uid:
-                os.chown(path, uid, gid, follow_symlinks=False)
-    except OSError as e:
-        raise StartupError(f"server.spool_dir: cannot prepare {e.filename or spool} for "
-                           f"uid {uid}: {e.strerror or e}") from None
-    for route in config.routes:
-        base = maildir_base(route.maildir) if route.maildir else None
-        if base is None or base.exists():
-            continue
-        try:
-            base.mkdir(mode=0o750, parents=True)
-            os.chown(base, uid, gid)
-        except OSError as e:
-            raise StartupError(f"routes[{route.index}].maildir: cannot create {base} for "
-                               f"uid {uid}: {e.strerror or e}") from None
-
-
-def maildir_base(template: str) -> Path | None:
-    """The directory of a Maildir template before its first placeholder
-    (``/var/mail/{domain}/{localpart}`` -> ``/var/mail``)."""
-    fixed = template.split("{", 1)[0]
-    base = Path(fixed) if fixed.endswith("/") else Path(fixed).parent
-    return base if base.is_absolute() and base != Path("/") else None
-
-
-def _warn_unwritable_maildirs(config: Config) -> None:
-    """After the drop: a Maildir base this user cannot write in defers every delivery
-    there; say so at start rather than at the first message."""
-    for route in config.routes:
-        base = maildir_base(route.maildir) if route.maildir else None
-        while base is not None:
-            try:
-                os.stat(base)
-            except FileNotFoundError:  # made at the first delivery: its parent must allow it
-                base = base.parent if base != base.parent else None
-                continue
-            except OSError:
-                pass  # cannot even reach it
-            if not os.access(base, os.W_OK | os.X_OK):
-                log.warn("routes[{index}].maildir: {path} is not writable by this process "
-                         "(uid {uid}): deliveries there will be deferred", index=route.index,
-                         path=str(base), uid=os.geteuid())
-            break
 
 
 def build_service(config: Config, reactor: Any, install_signals: bool = True,
