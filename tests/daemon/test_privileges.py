@@ -28,7 +28,8 @@ def test_the_fixed_part_of_a_maildir_template(template: str, base: Path | None) 
 def test_root_makes_the_spool_and_maildir_base_and_gives_them_to_the_user(tmp_path: Path):
     nobody = pwd.getpwnam("nobody")
     spool = tmp_path / "spool"
-    (spool / "queue").mkdir(parents=True)
+    spool.mkdir(mode=0o700)
+    (spool / "queue").mkdir(mode=0o755)  # an existing directory keeps its mode
     queued = spool / "queue" / "1A2B3C"  # mail an earlier run as root left
     queued.write_bytes(b"RELAYGW-SPOOL 1\n")
     kept = tmp_path / "kept"
@@ -44,7 +45,7 @@ def test_root_makes_the_spool_and_maildir_base_and_gives_them_to_the_user(tmp_pa
     for path in (spool, spool / "tmp", spool / "queue", spool / "corrupt", spool / "tls"):
         st = path.stat()
         assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), path
-        assert path == spool / "queue" or st.st_mode & 0o777 == 0o700, path
+        assert st.st_mode & 0o777 == (0o755 if path == spool / "queue" else 0o700), path
     assert queued.stat().st_uid == nobody.pw_uid
     mail = (tmp_path / "mail").stat()
     assert (mail.st_uid, mail.st_mode & 0o777) == (nobody.pw_uid, 0o750)
