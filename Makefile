@@ -2,20 +2,28 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+RUNTIME := $(VENV)/.installed-runtime
 STAMP  := $(VENV)/.installed
-DEB_PACKAGES := postfix swaks testssl.sh nmap sasl2-bin libsasl2-modules s-nail
+DEB_PACKAGES := postfix swaks testssl.sh nmap sasl2-bin libsasl2-modules s-nail logrotate
 
 .PHONY: run test lint venv system-deps bench clean
 
-$(STAMP): pyproject.toml
+# make run: relaygw and its runtime dependencies only.
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(RUNTIME)
+
+# make test, lint, bench: the test tools too.
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-# Debian packages used as real peers in tests (smtp-sink, smtp-source, swaks, s-nail).
+# Debian packages used as real peers in tests (smtp-sink, smtp-source, swaks, testssl,
+# nmap, saslpasswd2 and its modules, s-nail, logrotate).
 system-deps:
 	@missing=""; \
 	command -v smtp-sink >/dev/null 2>&1 || missing="$$missing postfix"; \
@@ -24,6 +32,7 @@ system-deps:
 	command -v nmap >/dev/null 2>&1 || missing="$$missing nmap"; \
 	command -v saslpasswd2 >/dev/null 2>&1 || missing="$$missing sasl2-bin"; \
 	command -v s-nail >/dev/null 2>&1 || missing="$$missing s-nail"; \
+	command -v logrotate >/dev/null 2>&1 || missing="$$missing logrotate"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -33,7 +42,7 @@ system-deps:
 	  fi; \
 	fi
 
-run: $(STAMP)
+run: $(RUNTIME)
 	$(BIN)/relaygw run
 
 lint: $(STAMP)

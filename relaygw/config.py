@@ -37,6 +37,9 @@ MATCH_KEYS = ("recipient_domains", "recipients", "senders", "client_networks", "
 MAILDIR_PLACEHOLDERS = ("domain", "localpart")
 DEFAULT_REJECT = (550, "5.1.1", "Mailbox unavailable")
 LOG_FORMATS = ("text", "json")
+# Where the configuration is without --config (the environment variable wins).
+DEFAULT_PATH = Path("/etc/relaygw/relaygw.toml")
+CONFIG_ENV = "RELAYGW_CONFIG"
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _LABEL = re.compile(r"[a-z0-9-]{1,63}")
@@ -475,9 +478,18 @@ def _server(r: _Reader, t: dict[str, Any]) -> ServerConfig:
     long_lines = r.choice(t, "long_lines", "server", LONG_LINES, defaults.long_lines)
     if long_lines == "reject" and "max_line_length" in t:
         r.warn("server.max_line_length", 'has no effect with server.long_lines = "reject"')
+    # gethostname, never getfqdn: getfqdn blocks on DNS.
+    hostname = r.string(t, "hostname", "server", None, _hostname)
+    if hostname is None:
+        hostname = socket.gethostname().lower()
+        if "." not in hostname:
+            r.warn("server.hostname", f'not set, and this host\'s name "{hostname}" is not '
+                   "a fully qualified domain name: peers may refuse it in EHLO; set it")
+    elif "." not in hostname:
+        r.warn("server.hostname", f'"{hostname}" is not a fully qualified domain name: '
+               "peers may refuse it in EHLO")
     return ServerConfig(
-        # gethostname, never getfqdn: getfqdn blocks on DNS.
-        hostname=r.string(t, "hostname", "server", None, _hostname) or socket.gethostname().lower(),
+        hostname=hostname,
         spool_dir=r.string(t, "spool_dir", "server", r.base_dir / "relaygw-data" / "spool", r.path),
         max_message_size=size,
         max_recipients=integer("max_recipients", 1),
@@ -889,8 +901,21 @@ def _reply(text: str) -> tuple[int, str, str]:
     return code, enhanced, reply_text
 
 
+def default_path() -> Path | None:
+    """The configuration file used without --config: ``$RELAYGW_CONFIG`` when set (it
+    need not exist: then that is the error), else DEFAULT_PATH when it exists; None:
+    the embedded default."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_PATH if DEFAULT_PATH.exists() else None
+
+
 def load(path: str | os.PathLike[str] | None) -> Config:
-    """The config at ``path``, or without one the embedded default under ./relaygw-data."""
+    """The config at ``path``; without one, the file ``default_path`` names, else the
+    embedded default under ./relaygw-data."""
+    if path is None:
+        path = default_path()
     if path is None:
         return default_config(Path.cwd() / "relaygw-data")
     return load_config(path)

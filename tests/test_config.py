@@ -127,6 +127,12 @@ def problems(text: str, base_dir: Path = BASE_DIR) -> list[str]:
     return info.value.problems
 
 
+@pytest.fixture(autouse=True)
+def fully_qualified_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine's name may have no dot; the tests that mean it say so."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "relay.test")
+
+
 @pytest.fixture
 def example(tmp_path: Path) -> Config:
     path = tmp_path / "relaygw.toml"
@@ -358,10 +364,11 @@ def test_max_line_length_with_reject_is_a_warning() -> None:
         'server.max_line_length: has no effect with server.long_lines = "reject"',)
 
 
-def test_default_config(tmp_path: Path) -> None:
+def test_default_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "MX1.Example.NET")
     data_dir = tmp_path / "relaygw-data"
     config = default_config(data_dir)
-    assert config.server.hostname == socket.gethostname().lower()
+    assert config.server.hostname == "mx1.example.net"
     assert config.server.spool_dir == data_dir / "spool"
     assert config.listeners == (
         ListenerConfig("127.0.0.1:2525", "127.0.0.1", 2525, "starttls", False, "optional"),)
@@ -1085,6 +1092,22 @@ action = "reject"
         "routes[3]: never matches (routes[1] matches everything before it)",
     )
     assert config.access.relay_domains == ("*",)
+
+
+def test_a_hostname_that_is_not_fully_qualified_is_a_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse(LISTENER + '[server]\nhostname = "mailhub"\n')
+    assert config.server.hostname == "mailhub"
+    assert config.warnings == (
+        'server.hostname: "mailhub" is not a fully qualified domain name: peers may refuse '
+        "it in EHLO",)
+    monkeypatch.setattr(socket, "gethostname", lambda: "VM")
+    assert parse(LISTENER).warnings == (
+        'server.hostname: not set, and this host\'s name "vm" is not a fully qualified domain '
+        "name: peers may refuse it in EHLO; set it",)
+    monkeypatch.setattr(socket, "gethostname", lambda: "vm.example.net")
+    assert parse(LISTENER).warnings == ()
+    assert parse(LISTENER + '[server]\nhostname = "mx.example.net"\n').warnings == ()
 
 
 def test_catch_all_relay_domain_spelled_with_a_dot() -> None:

@@ -3,7 +3,6 @@ with one line: the SMTP listeners of one-process mode, and /metrics."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.application import service
@@ -25,10 +24,10 @@ class ListenError(Exception):
 class BindingService(service.Service):
     """Binds in privilegedStartService (before twistd drops privileges).
 
-    A port that cannot be bound stops start-up with one line naming the
-    listener, not a traceback: the operator has a config or port problem.
-    Subclasses provide ``bind`` (raising ListenError) and ``port`` (None
-    until bound).
+    A port that cannot be bound raises ListenError, naming the listener:
+    the twistd plugin (``relaygw.daemon.tap``) turns it into one line on stderr
+    and in the log, and exit status 1, not a traceback. Subclasses provide
+    ``bind`` (raising ListenError) and ``port`` (None until bound).
     """
 
     port: Any = None
@@ -40,11 +39,7 @@ class BindingService(service.Service):
         super().privilegedStartService()
         if self.port is not None:  # bound already (a listener added by reload)
             return
-        try:
-            self.bind()
-        except ListenError as e:
-            print(f"relaygw: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+        self.bind()
 
     def startService(self) -> None:
         super().startService()
@@ -71,6 +66,9 @@ class ListenerService(BindingService):
         result = results[0] if results else None
         if result is None or hasattr(result, "getErrorMessage"):
             reason = result.getErrorMessage() if result is not None else "no answer"
+            error = getattr(result, "value", None)
+            if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+                reason = error.socketError.strerror or reason  # as in worker mode
             raise ListenError(f"cannot listen on {self.address}: {reason}")
         self.port = result
 

@@ -10,6 +10,7 @@ the spool close.
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import time
@@ -24,15 +25,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relaygw.config import Config, ConfigError, ListenerConfig, load_config
+from relaygw.config import DEFAULT_PATH, Config, ConfigError, ListenerConfig, load_config
 from relaygw.daemon import wiring
 from relaygw.daemon.control import ControlService, socket_path
 from relaygw.daemon.gc_tuning import quiet_garbage_collector
 from relaygw.daemon.listeners import BindingService, ListenError
+from relaygw.daemon.privileges import give_to_user, warn_unwritable_maildirs
 from relaygw.daemon.wiring import ConfigHolder, Prepared, StartupError
-from relaygw.daemon.workers.pool import WorkerPool
+from relaygw.daemon.workers.pool import WorkerPool, WorkerSpawnError
+from relaygw.observe.logs import reopen_log_files
 from relaygw.queue.manager import QueueManager
-from relaygw.queue.service import SpoolService
+from relaygw.queue.service import SpoolService, SpoolUnusableError
 from relaygw.queue.store import StoredMessage
 from relaygw.smtp.server import ConnectionCounter
 
@@ -104,13 +107,22 @@ class RelayService(_SequentialService):
     def __init__(self, config: Config, reactor: Any, worker_log: str | None = None, *,
                  stranded_after: float = STRANDED_AFTER,
                  run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = deferToThread,
+                 run_as: tuple[int, int] | None = None,
+                 on_fatal: Callable[[str], None] | None = None,
                  ) -> None:
         super().__init__()
         self.reactor = reactor
         self.run_blocking = run_blocking
         self.holder = ConfigHolder(config)
         self.stranded_after = stranded_after
-        core = wiring.build_core(config, self.holder, reactor)
+        self.run_as = run_as  # (uid, gid) twistd switches to after privilegedStartService
+        self.on_fatal = on_fatal  # the process's end: say why, stop, exit non-zero
+        self._fatal = False
+        # Every file the configuration names is read now, while privileged (twistd calls
+        # makeService before it drops privileges); a reload reads them again.
+        self.files = wiring.FileReader()
+        prepared = wiring.prepare(config, files=self.files)
+        core = wiring.build_core(config, self.holder, reactor, prepared.delivery)
         self.core = core
         self.spool, self.manager, self.relay = core.spool, core.manager, core.relay
         self.metrics, self.cleanup = core.metrics, core.cleanup
@@ -140,13 +152,14 @@ class RelayService(_SequentialService):
             self.listeners = _SequentialService()
             self.pool = wiring.worker_pool(config, core, self.counter, reactor,
                                            worker_log=worker_log,
-                                           on_worker_died=self._worker_died)
+                                           on_worker_died=self._worker_died,
+                                           on_fatal=self.fatal)
             self.pool.setServiceParent(self.listeners)
         else:
             self.listeners = service.MultiService()  # stopped together: they drain in parallel
         self.listeners.setServiceParent(self)
         self.by_listener: dict[ListenerConfig, Any] = {}
-        self._apply(config, wiring.prepare(config))
+        self._apply(config, prepared)
 
     # -- stranded messages (worker mode) ------------------------------------------
 
@@ -273,7 +286,8 @@ class RelayService(_SequentialService):
                                    wiring.handoff_listener(listener, self.pool, self.reactor),
                                    problems)
         self.pool.grace = config.server.shutdown_grace
-        snapshot = pickle.dumps((config, prepared.users), protocol=pickle.HIGHEST_PROTOCOL)
+        snapshot = pickle.dumps(wiring.worker_setup(config, prepared),
+                                protocol=pickle.HIGHEST_PROTOCOL)
         addresses = frozenset(lc.address for lc in config.listeners)
         restarted = None
         if self.running:
@@ -294,7 +308,7 @@ class RelayService(_SequentialService):
         def read() -> tuple[Config, Prepared]:
             new = load_config(source)
             try:
-                return new, wiring.prepare(new)
+                return new, wiring.prepare(new, files=self.files)
             except StartupError as e:
                 raise ConfigError(str(e).splitlines()) from e
 
@@ -312,7 +326,8 @@ class RelayService(_SequentialService):
             self.holder.current = new
             self._restarted = None
             problems = self._apply(new, prepared)
-            self.relay.reconfigured(wiring.resolver(new, self.reactor, self.core.dns_pool))
+            self.relay.reconfigured(wiring.resolver(new, self.reactor, self.core.dns_pool),
+                                    prepared.delivery)
             if self._restarted is None:
                 return applied(problems, new)
             # Worker mode: the new configuration is in force once its workers are ready.
@@ -342,17 +357,68 @@ class RelayService(_SequentialService):
         # Both paths end in list[str]; the overloads cannot see it through the union.
         return cast("Deferred[list[str]]", d.addCallback(loaded).addErrback(refused))
 
+    # -- start and failure ---------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        """Before twistd drops privileges: the directories the dropped user writes in
+        are made, and given to it (``run_as``), then the listeners bind."""
+        if self.run_as is not None and os.geteuid() == 0:
+            give_to_user(self.holder(), *self.run_as)
+        super().privilegedStartService()
+
     def startService(self) -> None:
-        super().startService()
+        config = self.holder()
+        log.info("configuration {source}", source=describe_source(config),
+                 event="configuration")
+        for warning in config.warnings:
+            log.warn("configuration warning: {warning}", warning=warning)
+        try:
+            super().startService()
+        except (SpoolUnusableError, WorkerSpawnError) as e:
+            self.abandon()
+            raise StartupError(str(e)) from None
+        except StartupError:
+            self.abandon()
+            raise
+        warn_unwritable_maildirs(config)
         quiet_garbage_collector()
         if self.install_signals:
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+            signal.signal(signal.SIGUSR1,
+                          lambda *_: self.reactor.callFromThread(reopen_log_files))
+
+    def abandon(self) -> None:
+        """Start-up failed: stop the threads already started, so nothing keeps the
+        process alive while it ends."""
+        for pool in (self.core.spool_pool, self.core.auth_pool, self.core.dns_pool):
+            if not pool.joined:
+                pool.stop()
+
+    def fatal(self, reason: str) -> None:
+        """A failure the daemon cannot serve through (a worker that cannot start):
+        say why, stop. Only the first counts: the other workers fail alike."""
+        if self._fatal:
+            return
+        self._fatal = True
+        log.critical("relaygw: {reason}; stopping", reason=reason, event="fatal")
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+
+def describe_source(config: Config) -> str:
+    """Which configuration this is, for the start-up log line."""
+    if config.source_path is not None:
+        return str(config.source_path)
+    return (f"built-in default (no {DEFAULT_PATH}), data in "
+            f"{config.server.spool_dir.parent}")
 
 
 def build_service(config: Config, reactor: Any, install_signals: bool = True,
-                  worker_log: str | None = None) -> RelayService:
+                  worker_log: str | None = None, run_as: tuple[int, int] | None = None,
+                  on_fatal: Callable[[str], None] | None = None) -> RelayService:
     """``worker_log``: the log format when the log goes to standard output (worker
-    processes then write their lines there themselves); None: they send them here."""
-    relay = RelayService(config, reactor, worker_log)
+    processes then write their lines there themselves); None: they send them here.
+    ``run_as``: the (uid, gid) twistd drops to; ``on_fatal``: ends the process."""
+    relay = RelayService(config, reactor, worker_log, run_as=run_as, on_fatal=on_fatal)
     relay.install_signals = install_signals
     return relay

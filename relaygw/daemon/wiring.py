@@ -16,8 +16,10 @@ build what they need here, so every process serves exactly the same sessions:
 
 from __future__ import annotations
 
+import os
+import pwd
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,14 +35,14 @@ from relaygw.daemon.workers.pool import HandoffListener, WorkerPool
 from relaygw.delivery.courier import Courier
 from relaygw.delivery.dns import Resolver
 from relaygw.delivery.local import MaildirCourier
-from relaygw.delivery.relay import RelayCourier
+from relaygw.delivery.relay import DeliveryFiles, RelayCourier
 from relaygw.queue.manager import QueueManager
 from relaygw.queue.store import Spool, StoredMessage
 from relaygw.receive.cleanup import Cleanup, ReceiveMetrics
 from relaygw.receive.longlines import LongLines
 from relaygw.receive.policy import ConfiguredPolicy
 from relaygw.receive.transforms import MessageTransform, ReceivedHeader
-from relaygw.smtp.auth import Authenticator, UsersFileError, load_users
+from relaygw.smtp.auth import Authenticator, UsersFileError, parse_users
 from relaygw.smtp.framing import MAX_LINE
 from relaygw.smtp.server import (
     ConnectionCounter,
@@ -49,7 +51,12 @@ from relaygw.smtp.server import (
     SessionMetrics,
     SMTPServerFactory,
 )
-from relaygw.smtp.tls import TLSSetupError, ensure_self_signed, server_tls_options
+from relaygw.smtp.tls import (
+    TLSSetupError,
+    ensure_self_signed,
+    server_tls_options_from_pem,
+    trust_root_from_pem,
+)
 
 SPOOL_THREADS = (2, 16)  # min, max: commits and reads of many sessions at once
 AUTH_THREADS = (0, 4)  # scrypt checks
@@ -85,42 +92,185 @@ class Prepared:
 
     users: dict[str, str] | None  # user -> password hash; None without [auth] users_file
     tls: Any  # the server TLS options (CertificateOptions), or None without a TLS listener
+    # The certificate chain and key behind ``tls`` as read: worker processes build their
+    # TLS from these, since after the privilege drop they may not read the key file.
+    tls_pem: tuple[bytes, bytes] | None = None
+    delivery: DeliveryFiles = field(default_factory=DeliveryFiles)
 
 
-def tls_options(config: Config, announce: bool = True) -> Any:
-    if not any(listener.tls != "none" for listener in config.listeners):
+class FileReader:
+    """Reads the files a configuration names, and remembers what it read.
+
+    At start-up relaygw reads them while privileged; a reload runs after the drop. A
+    file the dropped user may not read (a root-only key) that has not changed since
+    (same inode, size, modification and change times) is taken from memory, so a
+    reload still works; a changed one is an error naming the key.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[tuple[int, ...], bytes]] = {}
+
+    def read(self, path: Path) -> bytes:
+        try:
+            before = _identity(path)
+            data = path.read_bytes()
+        except PermissionError:
+            known = self._seen.get(path)
+            try:
+                if known is not None and known[0] == _identity(path):
+                    return known[1]
+            except OSError:
+                pass
+            raise
+        self._seen[path] = (before, data)
+        return data
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _cannot_read(key: str, path: Path, e: OSError) -> str:
+    user = _user_name()
+    why = e.strerror or str(e)
+    if isinstance(e, PermissionError) and user is not None:
+        why += f" (relaygw runs as {user})"
+    return f"{key}: cannot read {path}: {why}"
+
+
+def _user_name() -> str | None:
+    """The user relaygw runs as, when it is not root (a permission problem names it)."""
+    uid = os.geteuid()
+    if uid == 0:
         return None
     try:
-        if config.tls.certificate is not None:
-            assert config.tls.private_key is not None  # config requires both or neither
-            return server_tls_options(config.tls.certificate, config.tls.private_key)
-        cert, key = ensure_self_signed(config.server.spool_dir / "tls", config.server.hostname)
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class _Problems:
+    """Collects every problem, so one check shows them all, as config checking does."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def read(self, files: FileReader, key: str, path: Path) -> bytes | None:
+        try:
+            return files.read(path)
+        except OSError as e:
+            self.lines.append(_cannot_read(key, path, e))
+            return None
+
+
+def _tls(config: Config, files: FileReader, problems: _Problems, *, announce: bool,
+         create: bool) -> tuple[Any, tuple[bytes, bytes] | None]:
+    """The server TLS options and the PEM behind them. A configured [tls] pair is always
+    read (a pair that cannot serve is an error even while no listener uses TLS); the
+    self-signed one only when a listener needs it, and made only when ``create``."""
+    uses_tls = any(listener.tls != "none" for listener in config.listeners)
+    if config.tls.certificate is not None:
+        assert config.tls.private_key is not None  # config requires both or neither
+        cert_path, key_path = config.tls.certificate, config.tls.private_key
+    elif not uses_tls:
+        return None, None
+    else:
+        directory = config.server.spool_dir / "tls"
+        if not create and not (directory / "selfsigned-key.pem").exists():
+            return None, None  # made at start-up
+        try:
+            # The spool directory is private (0700), even when this makes it first.
+            config.server.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            cert_path, key_path = ensure_self_signed(directory, config.server.hostname)
+        except TLSSetupError as e:
+            problems.lines.append(str(e))
+            return None, None
+        except OSError as e:
+            problems.lines.append(f"server.spool_dir: cannot create {config.server.spool_dir}: "
+                                  f"{e.strerror or e}")
+            return None, None
         if announce:
             log.warn("tls: no [tls] certificate configured; using self-signed {cert}",
-                     cert=str(cert))
-        return server_tls_options(cert, key)
+                     cert=str(cert_path))
+    cert_pem = problems.read(files, "tls.certificate", cert_path)
+    key_pem = problems.read(files, "tls.private_key", key_path)
+    if cert_pem is None or key_pem is None:
+        return None, None
+    try:
+        options = server_tls_options_from_pem(cert_pem, key_pem)
     except TLSSetupError as e:
-        raise StartupError(str(e)) from e
-    except OSError as e:
-        raise StartupError(f"server.spool_dir: cannot create TLS files: {e}") from e
+        problems.lines.append(str(e))
+        return None, None
+    return (options if uses_tls else None), (cert_pem, key_pem)
 
 
-def users(config: Config) -> dict[str, str] | None:
-    if config.auth.users_file is None:
+def _users(config: Config, files: FileReader, problems: _Problems) -> dict[str, str] | None:
+    path = config.auth.users_file
+    if path is None:
+        return None
+    raw = problems.read(files, "auth.users_file", path)
+    if raw is None:
         return None
     try:
-        return load_users(config.auth.users_file)
+        return parse_users(path, raw)
     except UsersFileError as e:
-        raise StartupError("\n".join(f"auth.users_file: {p}" for p in e.problems)) from e
-    except OSError as e:
-        raise StartupError(f"auth.users_file: cannot read {config.auth.users_file}: "
-                           f"{e.strerror}") from e
+        problems.lines.extend(f"auth.users_file: {p}" for p in e.problems)
+        return None
 
 
-def prepare(config: Config, announce: bool = True) -> Prepared:
-    """The file work a configuration needs (users, TLS keys): blocking, so at start-up
-    or in a thread, never on the reactor thread of a running daemon."""
-    return Prepared(users(config), tls_options(config, announce))
+def _delivery_files(config: Config, files: FileReader, problems: _Problems) -> DeliveryFiles:
+    passwords: dict[Path, str] = {}
+    trust_roots: dict[Path, Any] = {}
+
+    def ca_file(key: str, path: Path | None) -> None:
+        if path is None or path in trust_roots:
+            return
+        data = problems.read(files, key, path)
+        if data is None:
+            return
+        try:
+            trust_roots[path] = trust_root_from_pem(data)
+        except ValueError as e:
+            problems.lines.append(f"{key}: {path}: {e}")
+
+    for smarthost in config.smarthosts:
+        where = f"smarthosts.{smarthost.name}"
+        ca_file(f"{where}.ca_file", smarthost.ca_file)
+        path = smarthost.password_file
+        if path is None:
+            continue
+        raw = problems.read(files, f"{where}.password_file", path)
+        if raw is None:
+            continue
+        try:
+            password = raw.decode("utf-8").strip("\r\n")
+        except UnicodeDecodeError:
+            problems.lines.append(f"{where}.password_file: {path}: not UTF-8")
+            continue
+        if not password:
+            problems.lines.append(f"{where}.password_file: {path} is empty")
+            continue
+        passwords[path] = password
+    ca_file("delivery.ca_file", config.delivery.ca_file)
+    return DeliveryFiles(passwords, trust_roots)
+
+
+def prepare(config: Config, announce: bool = True, *, create: bool = True,
+            files: FileReader | None = None) -> Prepared:
+    """Read every file the configuration names: the [tls] pair (or the self-signed one,
+    made when ``create``), the users file, the smarthosts' password and CA files and
+    [delivery] ca_file. Blocking, so at start-up or in a thread, never on the reactor
+    thread of a running daemon. The same check for ``check-config``, start-up and
+    reload: StartupError lists every problem, one per line, each naming its key."""
+    files = files or FileReader()
+    problems = _Problems()
+    tls, tls_pem = _tls(config, files, problems, announce=announce, create=create)
+    users = _users(config, files, problems)
+    delivery = _delivery_files(config, files, problems)
+    if problems.lines:
+        raise StartupError("\n".join(problems.lines))
+    return Prepared(users, tls, tls_pem, delivery)
 
 
 def server_settings(config: Config, listener: ListenerConfig, tls: Any) -> ServerSettings:
@@ -227,7 +377,8 @@ class Core:
     cleanup: Cleanup
 
 
-def build_core(config: Config, holder: ConfigHolder, reactor: Any) -> Core:
+def build_core(config: Config, holder: ConfigHolder, reactor: Any,
+               files: DeliveryFiles | None = None) -> Core:
     # Imported here: SMTP workers use this module too, and they need neither
     # prometheus_client nor twisted.web (6 MiB each).
     from relaygw.observe.metrics import Metrics, smarthost_circuits
@@ -235,7 +386,7 @@ def build_core(config: Config, holder: ConfigHolder, reactor: Any) -> Core:
     spool_threads = spool_pool()
     spool = Spool(config.server.spool_dir, reactor, spool_threads)
     dns_pool = ThreadPool(*DNS_THREADS, name="relaygw-dns")
-    relay = RelayCourier(reactor, resolver(config, reactor, dns_pool), holder, spool.run)
+    relay = RelayCourier(reactor, resolver(config, reactor, dns_pool), holder, spool.run, files)
     couriers: dict[str, Courier] = {
         "maildir": MaildirCourier(spool.run, lambda: holder().server.hostname),
         "smarthost": relay,
@@ -276,12 +427,14 @@ def handoff_listener(listener: ListenerConfig, pool: WorkerPool,
 
 
 def worker_pool(config: Config, core: Core, counter: ConnectionCounter, reactor: Any, *,
-                worker_log: str | None, on_worker_died: Callable[[], None]) -> WorkerPool:
+                worker_log: str | None, on_worker_died: Callable[[], None],
+                on_fatal: Callable[[str], None] | None = None) -> WorkerPool:
     return WorkerPool(
         reactor, config.server.workers, frozenset(lc.address for lc in config.listeners),
         counter, core.manager.enqueued, metrics=core.metrics,
         grace=config.server.shutdown_grace, log_format=worker_log,
-        on_worker_died=on_worker_died, backlog=core.manager.delivery_progress)
+        on_worker_died=on_worker_died, backlog=core.manager.delivery_progress,
+        on_fatal=on_fatal)
 
 
 def metrics_service(config: Config, core: Core, reactor: Any,
@@ -300,15 +453,40 @@ class FrontMetrics(ReceiveMetrics, SessionMetrics, Protocol):
     """What the sessions and the receive stage of a process count."""
 
 
-def build_worker_front(config: Config, users: dict[str, str] | None, reactor: Any, *,
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker process starts from, sent by the main process (pickled): the
+    configuration in force (not the file on disk, which may have changed since), the
+    users and the TLS PEM it read while privileged (a worker runs as the dropped user
+    and may not read them)."""
+
+    config: Config
+    users: dict[str, str] | None
+    tls_pem: tuple[bytes, bytes] | None
+
+
+def worker_setup(config: Config, prepared: Prepared) -> WorkerSetup:
+    return WorkerSetup(config, prepared.users, prepared.tls_pem)
+
+
+def build_worker_front(setup: WorkerSetup, reactor: Any, *,
                        spool_threads: ThreadPool, auth_threads: ThreadPool,
                        metrics: FrontMetrics, hand_off: Callable[[StoredMessage], None],
                        on_session_end: Callable[[object], None],
                        ) -> tuple[Spool, dict[str, Sessions]]:
     """An SMTP worker's spool and sessions, by listener address. The main process
     enforces the connection caps; the worker spools each message itself, then
-    ``hand_off`` reports it. Raises StartupError when the TLS files cannot be read."""
-    prepared = Prepared(users, tls_options(config, announce=False))
+    ``hand_off`` reports it. Raises StartupError when TLS cannot be set up."""
+    config = setup.config
+    tls = None
+    if setup.tls_pem is not None and any(lc.tls != "none" for lc in config.listeners):
+        try:
+            tls = server_tls_options_from_pem(*setup.tls_pem)
+        except TLSSetupError as e:
+            raise StartupError(str(e)) from e
+    elif any(lc.tls != "none" for lc in config.listeners):
+        raise StartupError("tls: the main process sent no certificate")
+    prepared = Prepared(setup.users, tls)
     spool = Spool(config.server.spool_dir, reactor, spool_threads)
     cleanup = build_cleanup(spool, hand_off, lambda: config, metrics)
     built = build_sessions(

@@ -14,13 +14,12 @@ One async style: the dialogue is coroutines awaiting Deferreds, entered through
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 
 from relaygw.config import Config
@@ -36,6 +35,7 @@ from relaygw.smtp.client import (
     SMTPClientProtocol,
     connect,
 )
+from relaygw.smtp.tls import trust_root_from_pem
 from relaygw.smtp.transport import Clock, stream_transport
 
 log = Logger()
@@ -94,6 +94,16 @@ class HostHealth:
 
     def states(self) -> dict[str, str]:
         return {host: self.state(host) for host in set(self._failures) | set(self._opened_at)}
+
+
+@dataclass(frozen=True)
+class DeliveryFiles:
+    """What the configuration's delivery files hold, read before delivery starts (at
+    start-up while privileged, and at each reload), so a missing or unreadable file is
+    a start-up or reload error naming its key, not a 4.3.5 retried for days."""
+
+    passwords: Mapping[Path, str] = field(default_factory=dict)  # password_file -> password
+    trust_roots: Mapping[Path, Any] = field(default_factory=dict)  # ca_file -> trust root
 
 
 @dataclass(frozen=True)
@@ -168,7 +178,7 @@ class RelayCourier:
 
     def __init__(self, reactor: ClientReactor, resolver: DNSResolver,
                  config_source: Callable[[], Config], run: Callable[..., Deferred[Any]],
-                 ) -> None:
+                 files: DeliveryFiles | None = None) -> None:
         self.reactor = reactor
         self.resolver = resolver
         self.config_source = config_source
@@ -177,17 +187,19 @@ class RelayCourier:
         self.pool = ConnectionPool(reactor)
         self._total: DeferredSemaphore | None = None
         self._per_destination: dict[str, DeferredSemaphore] = {}
-        self._secrets: dict[Path, str] = {}
-        self._trust: dict[Path, Any] = {}
+        files = files or DeliveryFiles()
+        self._secrets: dict[Path, str] = dict(files.passwords)
+        self._trust: dict[Path, Any] = dict(files.trust_roots)
         # Smarthost targets by name, for the Config object they were built from.
         self._targets: dict[str, tuple[Config, list[_Target]]] = {}
         self._active: set[SMTPClientProtocol] = set()
 
-    def reconfigured(self, resolver: DNSResolver) -> None:
-        """A reload: new DNS settings; credentials and CA files are read again."""
+    def reconfigured(self, resolver: DNSResolver, files: DeliveryFiles | None = None) -> None:
+        """A reload: new DNS settings, and the credentials and CA files read again."""
+        files = files or DeliveryFiles()
         self.resolver = resolver
-        self._secrets.clear()
-        self._trust.clear()
+        self._secrets = dict(files.passwords)
+        self._trust = dict(files.trust_roots)
         self._targets.clear()
 
     def abort_all(self) -> None:
@@ -222,15 +234,12 @@ class RelayCourier:
     # -- targets ----------------------------------------------------------------
 
     async def _trust_root(self, ca_file: Path | None) -> Any:
-        """A CA bundle as a trust root; read once, in the spool's threads."""
+        """A CA bundle as a trust root: from ``files``, else read once, in the spool's
+        threads."""
         if ca_file is None:
             return None
         if ca_file not in self._trust:
-            data = await self.run(ca_file.read_bytes)
-            pems = data.split(b"-----END CERTIFICATE-----")
-            certs = [Certificate.loadPEM(p + b"-----END CERTIFICATE-----\n")
-                     for p in pems if b"-----BEGIN CERTIFICATE-----" in p]
-            self._trust[ca_file] = trustRootFromCertificates(certs)
+            self._trust[ca_file] = trust_root_from_pem(await self.run(ca_file.read_bytes))
         return self._trust[ca_file]
 
     async def _password(self, path: Path | None) -> str | None:

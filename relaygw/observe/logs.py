@@ -31,9 +31,11 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 import string
 import sys
+import threading
 import time
 from collections.abc import Mapping, MutableMapping
 from datetime import UTC, datetime
@@ -50,7 +52,6 @@ from twisted.logger import (
 )
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 FORMATS = ("text", "json")
@@ -307,28 +308,88 @@ def json_logger() -> ILogObserver:
     return json_observer(sys.stdout)
 
 
+class ReopenableLogFile:
+    """A log file that ``reopen`` opens again at its path: logrotate moves the file,
+    then SIGUSR1 makes relaygw write to a new one there. It never rotates by itself
+    (twistd's own log file renames itself every megabyte, which fights logrotate).
+    Lines are written whole under a lock: threads log too."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._lock = threading.Lock()
+        self._file = self._open()
+        _log_files.append(self)
+
+    def _open(self) -> IO[str]:
+        # 0640: log lines carry addresses. O_APPEND: whole lines, even beside another writer.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._file.write(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._file.flush()
+
+    def reopen(self) -> None:
+        """Continue in a file opened afresh at the path; on failure, in the old one."""
+        with self._lock:
+            try:
+                new = self._open()
+            except OSError as e:
+                self._file.write(f"relaygw: cannot reopen the log file {self.path}: "
+                                 f"{e.strerror or e}; logging goes on here\n")
+                self._file.flush()
+                return
+            old, self._file = self._file, new
+            old.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+        if self in _log_files:
+            _log_files.remove(self)
+
+
+_log_files: list[ReopenableLogFile] = []
+
+
+def reopen_log_files() -> None:
+    """Reopen every log file (SIGUSR1, after logrotate moved them); none: nothing."""
+    for log_file in _log_files:
+        log_file.reopen()
+
+
 # Where twistd would have written its text log: (--logfile, --nodaemon), recorded by
 # configure_twistd. Module state because twistd's --logger is a dotted name it imports
 # and calls without arguments, and its logging is process-wide anyway.
 _twistd_destination: tuple[str | None, bool] = (None, True)
 
 
-def twistd_json_logger() -> ILogObserver:
-    """The ``--logger`` that ``configure_twistd`` names: JSON lines where twistd would
-    have written text (stdout with -n, else --logfile or twistd.log)."""
+def _twistd_stream() -> IO[str]:
+    """Where twistd would have written its text log: stdout with -n, else --logfile or
+    twistd.log, opened here so that SIGUSR1 reopens it."""
     logfile, nodaemon = _twistd_destination
     if logfile == "-" or (nodaemon and not logfile):
         if not nodaemon:
             sys.exit("Daemons cannot log to stdout, exiting!")  # twistd's own words
-        return json_observer(sys.stdout)
-    return json_observer(LogFile.fromFullPath(logfile or "twistd.log"))
+        return sys.stdout
+    return ReopenableLogFile(logfile or "twistd.log")  # type: ignore[return-value]
+
+
+def twistd_json_logger() -> ILogObserver:
+    """The ``--logger`` that ``configure_twistd`` names for JSON lines where twistd would
+    have written text."""
+    return json_observer(_twistd_stream())
 
 
 def twistd_text_logger() -> ILogObserver:
-    """The ``--logger`` that ``configure_twistd`` names for text on standard output:
-    twistd's own line format, through the cheaper formatter here (and with secrets
-    masked). A log file stays twistd's own observer, which also rotates on SIGUSR1."""
-    return observer_for("text", sys.stdout)
+    """The ``--logger`` that ``configure_twistd`` names for text: twistd's own line
+    format, through the cheaper formatter here (and with secrets masked), to stdout or
+    to a log file that SIGUSR1 reopens."""
+    return observer_for("text", _twistd_stream())
 
 
 # The twistd options its own observer is made from, recorded by configure_twistd.
@@ -352,9 +413,9 @@ def configure_twistd(server_options: MutableMapping[str, Any], format: str) -> N
 
     twistd options come before the plugin name, so they are parsed by then, and
     twistd imports its ``logger`` option (a dotted name) only afterwards, so
-    setting it here takes effect. A ``--logger`` on the command line wins; "text"
-    to a file or syslog keeps twistd's own observer (and its SIGUSR1 rotation),
-    only without Twisted's noise.
+    setting it here takes effect. A ``--logger`` on the command line wins. A log
+    file, text or JSON, is relaygw's own (SIGUSR1 reopens it, for logrotate); text
+    to syslog keeps twistd's own observer, only without Twisted's noise.
     """
     global _twistd_destination, _twistd_options
     if format not in FORMATS:
@@ -363,9 +424,9 @@ def configure_twistd(server_options: MutableMapping[str, Any], format: str) -> N
     if server_options.get("logger"):
         return
     if format == "text":
-        logfile = server_options.get("logfile")
-        if not server_options.get("syslog") and server_options.get("nodaemon") \
-                and (not logfile or logfile == "-"):
+        if not server_options.get("syslog"):
+            _twistd_destination = (server_options.get("logfile"),
+                                   bool(server_options.get("nodaemon")))
             server_options["logger"] = f"{__name__}.twistd_text_logger"
         else:
             _twistd_options = server_options

@@ -17,7 +17,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from relaygw.config import Config, ConfigError, load
+from relaygw.config import Config, ConfigError, default_path, load
+from relaygw.ops.config_loading import source_line
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "add_commands", "run_queue"]
 
@@ -51,8 +52,9 @@ def add_commands(subparsers: Any) -> None:
     """Add ``queue`` (list, show, flush, hold, release, delete, bounce) and ``reload`` to the
     ``relaygw`` subparsers."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="TOML configuration file (default: built-in); "
-                        "its server.spool_dir locates the daemon")
+    common.add_argument("-c", "--config", help="TOML configuration file (default: "
+                        "$RELAYGW_CONFIG, else /etc/relaygw/relaygw.toml when it exists, else "
+                        "built-in); its server.spool_dir locates the daemon")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
 
     queue = subparsers.add_parser("queue", help="inspect and act on the mail queue",
@@ -122,6 +124,16 @@ def _error(message: str) -> int:
     return EXIT_ERROR
 
 
+def _chosen(path: str | None) -> str | None:
+    """The configuration file to read: ``-c``, else the default one (said on stderr);
+    None: the built-in default."""
+    if path is not None:
+        return path
+    chosen = default_path()
+    print(source_line(chosen), file=sys.stderr)
+    return None if chosen is None else str(chosen)
+
+
 def _load(path: str | None) -> Config:
     return load(path)
 
@@ -154,7 +166,7 @@ def run_queue(args: argparse.Namespace) -> int:
         if args.ids and _filters(args):
             args.parser.error("filters select messages only with --all")
     try:
-        config = _load(args.config)
+        config = _load(_chosen(args.config))
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -248,12 +260,13 @@ def run_reload(args: argparse.Namespace) -> int:
     """The handler of ``relaygw reload``."""
     from relaygw.daemon.control import ControlError, call, socket_path
 
+    path = _chosen(args.config)
     try:
-        spool_dir = _load(args.config).server.spool_dir
+        spool_dir = _load(path).server.spool_dir
     except ConfigError as e:
         # The file the daemon is asked to re-read may well be broken: the daemon reports
         # its problems (and keeps its configuration); we only need to find the daemon.
-        found = _spool_dir_only(args.config) if args.config else None
+        found = _spool_dir_only(path) if path else None
         if found is None:
             for problem in e.problems:
                 print(problem, file=sys.stderr)

@@ -66,7 +66,8 @@ def add_commands(subparsers: Any) -> None:
                          help="also look up the next hops in DNS (MX hosts and addresses), "
                               "with the [dns] settings")
     explain.add_argument("-c", "--config",
-                         help="TOML configuration file (default: built-in)")
+                         help="TOML configuration file (default: $RELAYGW_CONFIG, else "
+                              "/etc/relaygw/relaygw.toml when it exists, else built-in)")
     explain.add_argument("--json", action="store_true",
                          help="print the explanation as JSON instead of text")
     explain.set_defaults(func=run_explain)

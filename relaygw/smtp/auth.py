@@ -212,6 +212,14 @@ def load_users(path: Path) -> dict[str, str]:
     return {entry.name: entry.stored for entry in entries}
 
 
+def parse_users(path: Path, raw: bytes) -> dict[str, str]:
+    """``load_users`` for the bytes of ``path``, read by the caller (while privileged)."""
+    entries, problems = _parse_users(path, raw)
+    if problems:
+        raise UsersFileError(problems)
+    return {entry.name: entry.stored for entry in entries}
+
+
 def set_password(path: Path, name: str, password: str) -> None:
     """Add or replace one user, keeping every other line; rewrite the file atomically.
 

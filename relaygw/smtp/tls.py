@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -18,7 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    trustRootFromCertificates,
+)
 
 from relaygw.fileio import write_atomically
 
@@ -26,7 +32,9 @@ __all__ = [
     "TLSSetupError",
     "ensure_self_signed",
     "server_tls_options",
+    "server_tls_options_from_pem",
     "tls_session_info",
+    "trust_root_from_pem",
 ]
 
 _CERT_KEY = "tls.certificate"
@@ -49,8 +57,7 @@ def _read(path: Path, key: str) -> bytes:
         raise TLSSetupError(f"{key}: cannot read {path}: {e.strerror or e}") from e
 
 
-def _load_chain(path: Path) -> list[x509.Certificate]:
-    data = _read(path, _CERT_KEY)
+def _load_chain(data: bytes) -> list[x509.Certificate]:
     try:
         chain = x509.load_pem_x509_certificates(data)
     except ValueError as e:
@@ -60,8 +67,7 @@ def _load_chain(path: Path) -> list[x509.Certificate]:
     return chain
 
 
-def _load_key(path: Path) -> PrivateKeyTypes:
-    data = _read(path, _KEY_KEY)
+def _load_key(data: bytes) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError as e:  # cryptography's way of saying "this key is encrypted"
@@ -83,8 +89,14 @@ def server_tls_options(cert_path: Path, key_path: Path) -> CertificateOptions:
     of which are sent to clients. TLS 1.2 is the minimum; ciphers are Twisted's secure
     defaults, and Twisted always disables TLS compression.
     """
-    chain = _load_chain(cert_path)
-    key = _load_key(key_path)
+    return server_tls_options_from_pem(_read(cert_path, _CERT_KEY), _read(key_path, _KEY_KEY))
+
+
+def server_tls_options_from_pem(chain_pem: bytes, key_pem: bytes) -> CertificateOptions:
+    """``server_tls_options`` for the files' contents, read earlier (while privileged, or
+    by the main process for a worker that may not read the key itself)."""
+    chain = _load_chain(chain_pem)
+    key = _load_key(key_pem)
     leaf, intermediates = chain[0], chain[1:]
     if _spki(key.public_key()) != _spki(leaf.public_key()):
         raise TLSSetupError(f"{_KEY_KEY}: does not match {_CERT_KEY}")
@@ -103,6 +115,20 @@ def server_tls_options(cert_path: Path, key_path: Path) -> CertificateOptions:
     except SSL.Error as e:
         raise TLSSetupError(f"{_CERT_KEY}: rejected by OpenSSL: {e}") from e
     return options
+
+
+def trust_root_from_pem(data: bytes) -> Any:
+    """A CA bundle (PEM certificates) as a trust root for verifying peers; ValueError
+    when it holds no certificate, so a junk file is found when it is read, not at
+    every delivery as a verification failure."""
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise ValueError("no PEM certificate in it")
+    return trustRootFromCertificates([
+        Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certificates])
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 from relaygw.config import Config, ListenerConfig, load_config
 from relaygw.daemon.service import RelayService
+from relaygw.daemon.wiring import WorkerSetup
 
 
 def write_config(path: Path, listeners: tuple[str, ...] = ("127.0.0.1:0", "127.0.0.2:0"),
@@ -154,4 +155,4 @@ def test_changing_the_number_of_workers_is_applied(tmp_path):
     new = relay.service.holder()
     assert new.server.workers == 3
     # Workers started from now on get the configuration in force, not the file.
-    assert pickle.loads(relay.service.pool.snapshot) == (new, None)
+    assert pickle.loads(relay.service.pool.snapshot) == WorkerSetup(new, None, None)

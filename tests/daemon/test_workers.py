@@ -17,11 +17,13 @@ import pytest
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from relaygw.config import ListenerConfig, default_config
+from relaygw.daemon.wiring import WorkerSetup, prepare, worker_setup
 from relaygw.daemon.workers import pool as handoff
+from relaygw.daemon.workers.channel import EXIT_CONFIG
 from relaygw.daemon.workers.pool import NO_WORKER, RESPAWN_FIRST, HandoffListener, WorkerPool
 from relaygw.daemon.workers.process import (
     ForwardedMetrics,
@@ -539,6 +541,56 @@ def test_a_dead_worker_releases_its_connections_and_is_started_again(events):
         c.close()
 
 
+def test_a_worker_that_cannot_start_stops_the_daemon_instead_of_respawning(events):
+    p = Pool(count=2)
+    fatal: list[str] = []
+    p.pool.on_fatal = fatal.append
+    p.start()
+    first = p.pool.workers[0]
+    first.channel.lineReceived(b"F tls.private_key: cannot read /k.pem: Permission denied")
+    p.die(first, code=EXIT_CONFIG, sig=None)
+    assert fatal == ["worker 0 cannot start: tls.private_key: cannot read /k.pem: "
+                     "Permission denied"]
+    p.reactor.advance(60)
+    assert len(p.reactor.spawned) == 2  # no respawn, ever
+
+
+def test_a_worker_that_ends_with_the_config_status_without_a_reason_still_stops_it(events):
+    p = Pool(count=1)
+    fatal: list[str] = []
+    p.pool.on_fatal = fatal.append
+    p.start()
+    (worker,) = p.pool.workers
+    p.die(worker, code=EXIT_CONFIG, sig=None)
+    assert fatal == []  # its last line may still be on its way
+    p.reactor.advance(handoff.REASON_WAIT)
+    assert fatal == ["worker 0 cannot start: exit code 2"]
+    assert len(p.reactor.spawned) == 1
+
+
+def test_a_reloads_worker_that_cannot_start_fails_the_reload_not_the_daemon(events):
+    p = Pool(count=1)
+    fatal: list[str] = []
+    p.pool.on_fatal = fatal.append
+    p.start()
+    old = p.pool.workers[0]
+    p.ready(old)
+    done = p.pool.restart(1, frozenset([ADDRESS]), NEW_SNAPSHOT)
+    p.connect_new()
+    (new,) = [w for w in p.pool.workers if w.generation == 2]
+    new.channel.lineReceived(b"F tls.certificate: not a PEM certificate")
+    p.die(new, code=EXIT_CONFIG, sig=None)
+    results: list[bool] = []
+    done.addCallback(results.append)
+    assert results == [False] and fatal == []
+    assert old.accepting and not old.retired  # the previous worker keeps serving
+    p.reactor.advance(60)
+    assert len(p.reactor.spawned) == 2
+    assert [formatEvent(e) for e in events if e.get("event") == "worker_cannot_start"] == [
+        "worker 0 cannot start: tls.certificate: not a PEM certificate; the previous workers "
+        "keep serving"]
+
+
 def test_respawn_pause_doubles_while_a_worker_keeps_dying():
     p = Pool(count=1)
     pool = p.start()
@@ -755,7 +807,7 @@ def test_reload_result_is_false_when_a_new_worker_dies_before_ready():
     pool.restart(2, frozenset([ADDRESS]), NEW_SNAPSHOT).addCallback(result.append)
     p.connect_new()
     a, b = [w for w in pool.workers if w.generation == 2]
-    p.die(a, code=2, sig=None)
+    p.die(a, code=1, sig=None)
     assert result == [False]
     assert not any(w.retired for w in old)  # the old workers keep serving
     client = p.dispatch()
@@ -784,7 +836,10 @@ def test_worker_configures_itself_from_the_snapshot_and_says_ready(tmp_path):
     worker, sent, _ = _bare_worker(tmp_path)
     config = worker.config
     worker.config = None
-    worker.configure(pickle.dumps((config, None)))
+    # What the main process sends: the configuration, the users, the TLS PEM it read.
+    setup = worker_setup(config, prepare(config, announce=False))
+    assert setup.tls_pem is not None
+    worker.configure(pickle.dumps(setup))
     try:
         assert worker.config == config
         assert list(worker.sessions) == [lc.address for lc in config.listeners]
@@ -793,6 +848,22 @@ def test_worker_configures_itself_from_the_snapshot_and_says_ready(tmp_path):
         worker._free_space.stop()
         worker.spool_pool.stop()
         worker.auth_pool.stop()
+
+
+def test_a_worker_that_cannot_start_says_why_and_exits_with_the_config_status(tmp_path):
+    import pickle
+
+    worker, sent, clock = _bare_worker(tmp_path)
+    config = worker.config
+    worker.config = None
+    junk = (b"-----BEGIN CERTIFICATE-----\njunk\n-----END CERTIFICATE-----\n", b"junk")
+    with capturedLogs() as events:
+        worker.configure(pickle.dumps(WorkerSetup(config, None, junk)))
+    assert sent == [(b"F", b"tls.certificate: not a PEM certificate")]
+    assert worker.exit_code == EXIT_CONFIG == 2
+    assert clock.stopped
+    assert [formatEvent(e) for e in events] == [
+        "worker 3 cannot start: tls.certificate: not a PEM certificate"]
 
 
 def _flow_pool(progress: list[int]) -> tuple[Pool, HandoffListener]:

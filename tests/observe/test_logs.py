@@ -384,34 +384,71 @@ def test_configure_twistd_json_to_the_logfile(tmp_path: Path) -> None:
     assert [json.loads(line)["message"] for line in path.read_text().splitlines()] == ["to file"]
 
 
-def test_configure_twistd_text_to_a_file_is_twistds_own_observer_without_the_noise(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import signal
-
-    monkeypatch.setattr(signal, "getsignal", lambda _: signal.SIG_IGN)  # leave SIGUSR1 be
-    path = tmp_path / "relaygw.log"
-    options = server_options(logfile=str(path))
+def test_configure_twistd_text_to_syslog_is_twistds_own_observer_without_the_noise(
+        ) -> None:
+    options = server_options(syslog=True)
     configure_twistd(options, "text")
-    assert options == server_options(logfile=str(path),
+    assert options == server_options(syslog=True,
                                      logger="relaygw.observe.logs.twistd_own_logger")
-    observer = namedAny(options["logger"])()
-    assert ILogObserver.providedBy(observer)
-    try:
-        for event in ({"log_format": "listening on {address}", "address": "127.0.0.1:25"},
-                      {"log_format": "Main loop terminated.",
-                       "log_namespace": "twisted.internet.base"}):
-            observer({**event, "log_time": 1e9, "log_level": LogLevel.info})
-    finally:
-        observer.observer._outFile.close()
-    # twistd's own line format: namespace#level, as textFileLogObserver writes it.
-    assert path.read_text().endswith("[-#info] listening on 127.0.0.1:25\n")
-    assert "Main loop" not in path.read_text()
 
 
 def test_configure_twistd_leaves_explicit_loggers_alone() -> None:
     options = server_options(logger="relaygw.observe.logs.json_logger")
     configure_twistd(options, "json")
     assert options["logger"] == "relaygw.observe.logs.json_logger"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_log_file_moved_away_is_reopened_at_its_path(tmp_path: Path,
+                                                       log_format: str) -> None:
+    path = tmp_path / "relaygw.log"
+    options = server_options(logfile=str(path))
+    configure_twistd(options, log_format)
+    observer = namedAny(options["logger"])()
+    try:
+        observer({"log_format": "before", "log_time": 1.0, "log_level": LogLevel.info})
+        path.rename(tmp_path / "relaygw.log.1")  # what logrotate does, then it signals
+        observer({"log_format": "moved", "log_time": 2.0, "log_level": LogLevel.info})
+        relaygw.observe.logs.reopen_log_files()
+        observer({"log_format": "after", "log_time": 3.0, "log_level": LogLevel.info})
+    finally:
+        observer_file(observer).close()
+    assert [message_of(line, log_format)
+            for line in (tmp_path / "relaygw.log.1").read_text().splitlines()] == [
+        "before", "moved"]
+    assert [message_of(line, log_format) for line in path.read_text().splitlines()] == [
+        "after"]
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert relaygw.observe.logs._log_files == []
+
+
+def test_a_log_file_that_cannot_be_reopened_keeps_the_old_one(tmp_path: Path) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    log_file = relaygw.observe.logs.ReopenableLogFile(str(directory / "relaygw.log"))
+    try:
+        log_file.write("one\n")
+        (directory / "relaygw.log").rename(tmp_path / "moved.log")
+        directory.rmdir()  # nowhere to make the new file
+        log_file.reopen()
+        log_file.write("two\n")
+    finally:
+        log_file.close()
+    assert (tmp_path / "moved.log").read_text() == (
+        f"one\nrelaygw: cannot reopen the log file {directory / 'relaygw.log'}: "
+        "No such file or directory; logging goes on here\ntwo\n")
+
+
+def observer_file(observer: Any) -> Any:
+    while not hasattr(observer, "_outFile"):
+        observer = observer.observer  # the secret-masking wrapper
+    return observer._outFile
+
+
+def message_of(line: str, log_format: str) -> str:
+    if log_format == "json":
+        return json.loads(line)["message"]
+    return line.split("] ", 1)[1]
 
 
 def test_configure_twistd_refusals() -> None:
@@ -442,8 +479,10 @@ Options = _PluginOptions  # this module doubles as the plugin's module for Servi
     (["--nodaemon", "relaygw", "--log-format", "json"], "twistd_json_logger"),
     (["--logfile", "relaygw.log", "relaygw", "--log-format", "json"], "twistd_json_logger"),
     (["--nodaemon", "relaygw"], "twistd_text_logger"),  # text on stdout: the fast formatter
-    # A text log file: twistd's own observer (SIGUSR1 rotation), less the noise.
-    (["--logfile", "relaygw.log", "relaygw"], "twistd_own_logger"),
+    # A text log file is relaygw's too: SIGUSR1 reopens it (twistd's own renames itself).
+    (["--logfile", "relaygw.log", "relaygw"], "twistd_text_logger"),
+    # Text to syslog: twistd's own observer, less the noise.
+    (["--syslog", "relaygw"], "twistd_own_logger"),
     (["--nodaemon", "--logger", "relaygw.observe.logs.json_logger", "relaygw",
       "--log-format", "json"], "json_logger"),
 ])

@@ -11,7 +11,9 @@ A UNIX stream socket per worker, one message a line (``<kind> <payload>``):
     worker -> main   ``H <pid>`` ready; ``A <id>`` adopted (the main process closes its
                      copy); ``X <id>`` that connection ended; ``Q <stored message>`` a
                      message is durably queued (``StoredMessage.encode``); ``m <json>``
-                     a metrics event; ``L <json>`` a log event.
+                     a metrics event; ``L <json>`` a log event; ``F <reason>`` the
+                     worker cannot start for a configuration reason (it then exits
+                     with EXIT_CONFIG, and the main process stops the daemon).
 
 ``relaygw.daemon.workers.pool`` is the main process's end, ``...process`` the worker's.
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 from twisted.internet.protocol import Protocol
 
+EXIT_CONFIG = 2  # a worker's exit status when it cannot start for a configuration reason
 MAX_LINE = 4 * 1024 * 1024  # an envelope with many long recipients, a traceback
 # Inbound metrics events a worker reports; the main process counts them in /metrics.
 METRIC_EVENTS = frozenset(("message_accepted", "message_rejected", "tls_inbound"))

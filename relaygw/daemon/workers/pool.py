@@ -21,6 +21,7 @@ import base64
 import errno
 import json
 import os
+import pwd
 import socket
 import sys
 from collections.abc import Callable
@@ -36,7 +37,12 @@ from twisted.python.failure import Failure
 
 from relaygw.config import ListenerConfig
 from relaygw.daemon.listeners import BindingService, ListenError
-from relaygw.daemon.workers.channel import MAX_LINE, METRIC_EVENTS, ChannelFactory
+from relaygw.daemon.workers.channel import (
+    EXIT_CONFIG,
+    MAX_LINE,
+    METRIC_EVENTS,
+    ChannelFactory,
+)
 from relaygw.observe import fields
 from relaygw.observe.null import NullMetrics
 from relaygw.queue.store import StoredMessage
@@ -52,6 +58,7 @@ RESPAWN_FIRST = 0.5  # seconds before a dead worker is started again; doubles wh
 RESPAWN_MAX = 30.0
 STABLE_AFTER = 10.0  # a worker that lived this long resets the pause
 KILL_MARGIN = 5.0  # seconds past the shutdown grace before a worker is killed
+REASON_WAIT = 1.0  # seconds a worker's channel may outlive it, for its last lines
 # Flow control: when this many accepted messages wait for a delivery attempt to finish
 # while deliveries are finishing (the relay is slower than its clients, not stuck), new
 # connections wait in the listen backlog until the queue is down to FLOW_LOW. Without
@@ -64,6 +71,20 @@ FLOW_LOW = 500
 FLOW_STALL = 1.0
 FLOW_POLL = 0.1  # seconds between checks while paused
 NO_WORKER = Reply(421, "4.3.0", "Service temporarily unavailable, try again later", close=True)
+
+
+class WorkerSpawnError(Exception):
+    """A worker process cannot be started; the message names the key and the reason."""
+
+
+def _why(e: OSError) -> str:
+    why = e.strerror or str(e)
+    if isinstance(e, PermissionError) and os.geteuid() != 0:
+        try:
+            why += f" (relaygw runs as {pwd.getpwuid(os.geteuid()).pw_name})"
+        except KeyError:
+            why += f" (relaygw runs as uid {os.geteuid()})"
+    return why
 
 
 class HandoffListener(BindingService):
@@ -171,7 +192,11 @@ class _WorkerChannel(LineOnlyReceiver):
                   n=MAX_LINE)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.worker.channel = None
+        worker = self.worker
+        worker.channel = None
+        if worker.reason_awaited is not None:
+            was_ready, worker.reason_awaited = worker.reason_awaited, None
+            worker.pool._cannot_start(worker, was_ready)
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -179,7 +204,13 @@ class _WorkerProcess(ProcessProtocol):
         self.worker = worker
 
     def processEnded(self, reason: Failure) -> None:
-        self.worker.pool.worker_ended(self.worker, reason)
+        worker = self.worker
+        if worker.process is None:
+            # It ended inside spawnProcess (Twisted reaps at once): let _spawn finish
+            # recording it and connecting its channel first.
+            worker.pool.reactor.callLater(0, worker.pool.worker_ended, worker, reason)
+            return
+        worker.pool.worker_ended(worker, reason)
 
 
 class _Worker:
@@ -200,6 +231,10 @@ class _Worker:
         self.started = pool.reactor.seconds()
         self.conns: dict[int, tuple[str, str, socket.socket | None]] = {}
         self.exited: Deferred = Deferred()
+        self.cannot_start: str | None = None  # its reason, from an F line
+        # Ended with EXIT_CONFIG before its F line was read: (was it ready), until the
+        # channel's end, which comes after every line the worker wrote.
+        self.reason_awaited: bool | None = None
 
     def open_channel(self) -> _WorkerChannel:
         self.channel = _WorkerChannel(self)
@@ -243,6 +278,8 @@ class _Worker:
             pool.log_event(self, rest)
         elif kind == b"H":
             pool.worker_ready(self)
+        elif kind == b"F":
+            self.cannot_start = rest.decode("utf-8", "replace")
 
     def release_all(self) -> None:
         for conn_id in list(self.conns):
@@ -259,7 +296,8 @@ class WorkerPool(service.Service):
                  grace: float = 30.0, command: list[str] | None = None,
                  log_format: str | None = None,
                  on_worker_died: Callable[[], None] | None = None,
-                 backlog: Callable[[], tuple[int, int]] | None = None) -> None:
+                 backlog: Callable[[], tuple[int, int]] | None = None,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.addresses = addresses
@@ -274,6 +312,10 @@ class WorkerPool(service.Service):
         self.log_format = log_format  # set: workers write their log lines to our stdout
         self.on_worker_died = on_worker_died
         self.backlog = backlog  # (attempts in flight, attempts finished so far)
+        # A worker that cannot start for a configuration reason would fail the same way
+        # at every respawn: the daemon stops instead, with this reason.
+        self.on_fatal = on_fatal
+        self._served = False  # some worker has been ready since start-up
         self._flow_paused = False
         self._finished_seen = -1
         self._progress_at = 0.0
@@ -315,7 +357,13 @@ class WorkerPool(service.Service):
         self.addresses = addresses
         self.snapshot = snapshot
         self._cancel_respawns()
-        return self._start_generation()
+        try:
+            return self._start_generation()
+        except WorkerSpawnError as e:
+            log.error("{reason}; the previous workers keep serving", reason=str(e),
+                      event="worker_cannot_start")
+            self._generation_done(False)
+            return succeed(False)
 
     def _cancel_respawns(self) -> None:
         for call in self._respawns.values():
@@ -335,9 +383,13 @@ class WorkerPool(service.Service):
             args = [*self.command, "--index", str(index), "--fd", "3"]
             if self.log_format is not None:
                 args += ["--log-stdout", self.log_format]
-            worker.process = self.reactor.spawnProcess(
-                _WorkerProcess(worker), self.command[0], args, env=dict(os.environ),
-                childFDs={1: 1, 2: 2, 3: worker_end.fileno()})
+            try:
+                worker.process = self.reactor.spawnProcess(
+                    _WorkerProcess(worker), self.command[0], args, env=dict(os.environ),
+                    childFDs={1: 1, 2: 2, 3: worker_end.fileno()})
+            except OSError as e:
+                raise WorkerSpawnError(f"server.workers: cannot start a worker process "
+                                       f"({self.command[0]}): {_why(e)}") from None
             self.reactor.adoptStreamConnection(main_end.fileno(), socket.AF_UNIX,
                                                ChannelFactory(worker.open_channel))
         finally:
@@ -350,6 +402,7 @@ class WorkerPool(service.Service):
 
     def worker_ready(self, worker: _Worker) -> None:
         worker.ready = True
+        self._served = True
         current = [w for w in self.workers if w.generation == worker.generation]
         if worker.generation == self.generation and all(w.ready for w in current) \
                 and len(current) >= self.count:
@@ -370,11 +423,17 @@ class WorkerPool(service.Service):
         if worker in self.workers:
             self.workers.remove(worker)
         worker.release_all()
-        if worker.channel is not None and worker.channel.transport is not None:
-            worker.channel.transport.loseConnection()
         code = getattr(reason.value, "exitCode", None)
         signal_number = getattr(reason.value, "signal", None)
         expected = worker.retired or self._stopping
+        config_exit = not expected and code == EXIT_CONFIG \
+            and worker.generation == self.generation
+        # A worker that cannot start said why in its last line, perhaps not read yet:
+        # its channel then stays open until that line and the end of it come in.
+        awaiting = config_exit and worker.cannot_start is None and worker.channel is not None
+        if worker.channel is not None and worker.channel.transport is not None \
+                and not awaiting:
+            worker.channel.transport.loseConnection()
         if expected and code == 0:
             log.info("worker {index} exited", index=worker.index, event="worker_exited")
         else:
@@ -386,10 +445,44 @@ class WorkerPool(service.Service):
         self.update_reading()
         if not expected and self.on_worker_died is not None:
             self.on_worker_died()
+        if config_exit:
+            if awaiting:
+                worker.reason_awaited = was_ready
+                self.reactor.callLater(REASON_WAIT, self._reason_not_said, worker)
+            else:
+                self._cannot_start(worker, was_ready)
+            return
         if not expected and worker.generation == self.generation:
             if not was_ready:
                 self._generation_done(False)
             self._schedule_respawn(worker)
+
+    def _reason_not_said(self, worker: _Worker) -> None:
+        """The channel of a worker that ended with EXIT_CONFIG did not end: go on
+        without its reason."""
+        if worker.reason_awaited is not None:
+            was_ready, worker.reason_awaited = worker.reason_awaited, None
+            if worker.channel is not None and worker.channel.transport is not None:
+                worker.channel.transport.loseConnection()
+            self._cannot_start(worker, was_ready)
+
+    def _cannot_start(self, worker: _Worker, was_ready: bool) -> None:
+        """No respawn: it would fail the same way. At start-up (or a respawn) the daemon
+        stops with the reason; a reload's new worker fails the reload, and the previous
+        workers keep serving."""
+        reason = (f"worker {worker.index} cannot start: "
+                  f"{worker.cannot_start or f'exit code {EXIT_CONFIG}'}")
+        reloading = self._generation_ready is not None and self._served
+        if reloading:
+            log.error("{reason}; the previous workers keep serving", reason=reason,
+                      event="worker_cannot_start")
+            if not was_ready:
+                self._generation_done(False)
+            return
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+        else:
+            log.error("{reason}; not started again", reason=reason, event="worker_cannot_start")
 
     def _schedule_respawn(self, worker: _Worker) -> None:
         lived = self.reactor.seconds() - worker.started
@@ -400,7 +493,13 @@ class WorkerPool(service.Service):
         def respawn() -> None:
             self._respawns.pop(worker.index, None)
             if not self._stopping and worker.generation == self.generation:
-                self._spawn(worker.index, self.generation)
+                try:
+                    self._spawn(worker.index, self.generation)
+                except WorkerSpawnError as e:
+                    if self.on_fatal is not None:
+                        self.on_fatal(str(e))
+                    else:
+                        log.error("{reason}", reason=str(e), event="worker_cannot_start")
 
         self._respawns[worker.index] = self.reactor.callLater(pause, respawn)
 

@@ -38,7 +38,7 @@ from zope.interface import implementer
 from relaygw.config import Config
 from relaygw.daemon import wiring
 from relaygw.daemon.gc_tuning import quiet_garbage_collector
-from relaygw.daemon.workers.channel import MAX_LINE, ChannelFactory
+from relaygw.daemon.workers.channel import EXIT_CONFIG, MAX_LINE, ChannelFactory
 from relaygw.observe.logs import FORMATS, message_text, observer_for, quiet
 from relaygw.observe.null import NullMetrics
 from relaygw.queue.service import FREE_SPACE_INTERVAL
@@ -205,16 +205,21 @@ class Worker:
         if self.config is not None:
             return
         # From our parent over our own socketpair: trusted as the parent is.
-        config, users = pickle.loads(snapshot)  # noqa: S301
-        self.config = config
+        setup = pickle.loads(snapshot)  # noqa: S301
+        assert isinstance(setup, wiring.WorkerSetup)
+        self.config = setup.config
         try:
             self.spool, self.sessions = wiring.build_worker_front(
-                config, users, self.reactor, spool_threads=self.spool_pool,
+                setup, self.reactor, spool_threads=self.spool_pool,
                 auth_threads=self.auth_pool, metrics=ForwardedMetrics(self._send),
                 hand_off=self._queued, on_session_end=self._closed)
         except wiring.StartupError as e:
-            log.error("worker {index} cannot start: {error}", index=self.index, error=str(e))
-            self.exit_code = 2
+            reason = " / ".join(str(e).splitlines())
+            log.error("worker {index} cannot start: {error}", index=self.index, error=reason)
+            # The main process stops the daemon with this reason rather than start
+            # workers that fail the same way, again and again.
+            self._send(b"F", reason.encode("utf-8", "backslashreplace"))
+            self.exit_code = EXIT_CONFIG
             self.draining = True
             self._exit()
             return
@@ -340,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     # The main process decides about reloads; a terminal's signals to the whole
     # process group mean "stop", which for a worker is: finish the sessions.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGUSR1 reopens the main process's log file; to a worker (a signal to the whole
+    # group) it means nothing, rather than its default: the end of the process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: reactor.callFromThread(worker.drain))
     worker.start(args.fd)
