@@ -36,6 +36,7 @@ structure never changes.
 from __future__ import annotations
 
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -63,13 +64,58 @@ _REENCODABLE = ("", "7bit", "8bit")
 
 
 class LongLines:
-    """The transform: one ``LongLineStream`` per message."""
+    """The transform: per message, an ``Optimistic`` stream in front of a
+    ``LongLineStream``."""
 
     def __init__(self, lookahead: int = LOOKAHEAD) -> None:
         self.lookahead = lookahead
 
     def start(self, envelope: Envelope, session: Session) -> TransformStream:
-        return LongLineStream(envelope.queue_id, self.lookahead)
+        queue_id, lookahead = envelope.queue_id, self.lookahead
+        return Optimistic(lambda: LongLineStream(queue_id, lookahead), lookahead)
+
+
+class Optimistic:
+    """Almost every message has no long line, and for it ``LongLineStream`` changes
+    nothing: parsing its header and holding its lines one by one would cost more than
+    the rest of the receive stage together. So the message is held back as it is,
+    with one C-speed look at its line lengths per chunk, until it ends (it goes out
+    unchanged), a line over ``LIMIT`` shows up, or more than ``lookahead`` octets
+    are held. Then everything held goes through a ``LongLineStream``, which gives the
+    same bytes as if it had read the message from the start."""
+
+    def __init__(self, make: Callable[[], TransformStream], lookahead: int) -> None:
+        self._make = make
+        self._lookahead = lookahead
+        self._held: list[bytes] = []
+        self._size = 0
+        self._open = b""  # the unterminated last line (at most LIMIT octets while held)
+        self._stream: TransformStream | None = None
+
+    def head(self) -> bytes:
+        return b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self._stream is not None:
+            return self._stream.feed(data)
+        self._held.append(data)
+        self._size += len(data)
+        lines = (self._open + data).split(b"\r\n")
+        if self._size > self._lookahead or max(map(len, lines)) > LIMIT:
+            return self._read_it_all()
+        self._open = lines[-1]
+        return b""
+
+    def end(self) -> bytes:
+        if self._stream is None:
+            held, self._held = b"".join(self._held), []
+            return held
+        return self._stream.end()
+
+    def _read_it_all(self) -> bytes:
+        self._stream = stream = self._make()
+        held, self._held, self._open = b"".join(self._held), [], b""
+        return stream.feed(held)
 
 
 @dataclass(frozen=True)

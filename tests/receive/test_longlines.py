@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.logger import capturedLogs, formatEvent
 
-from relaygw.receive.longlines import LIMIT, LongLineStream
+from relaygw.receive.longlines import LIMIT, LongLineStream, Optimistic
 
 LONG = b"x" * 1200
 # What b2a_qp makes of LONG: 75 octets and a soft break, sixteen times over.
@@ -296,3 +296,49 @@ def test_any_chunking_gives_the_same_bytes_no_long_line_and_the_same_decoded_tex
         assert leaves(whole) == leaves(message)
     else:
         assert [t for t, _ in leaves(whole)] == [t for t, _ in leaves(message)]
+
+
+# -- Optimistic: the fast path in front of LongLineStream -----------------------------------
+
+
+def optimistic(chunks: list[bytes], lookahead: int = 256 * 1024) -> tuple[list[bytes], bytes]:
+    """What each feed returned, and what end returned."""
+    stream = Optimistic(lambda: LongLineStream("QID", lookahead), lookahead)
+    return [stream.feed(chunk) for chunk in chunks], stream.end()
+
+
+def test_a_message_without_long_lines_is_held_and_then_goes_out_unchanged():
+    message = (b"Subject: short\r\nContent-Type: text/plain\r\n\r\n"
+               + b"".join(b"x" * LIMIT + b"\r\n" for _ in range(3)))
+    fed, ended = optimistic([message[:50], message[50:1100], message[1100:]])
+    assert (fed, ended) == ([b"", b"", b""], message)
+
+
+def test_a_long_line_split_over_chunks_hands_everything_to_the_full_stream():
+    message = b"Subject: long\r\n\r\n" + b"y" * 600 + b"z" * 600 + b"\r\n"
+    cut = message.index(b"z")  # neither chunk holds more than LIMIT octets of the line
+    fed, ended = optimistic([message[:cut], message[cut:]])
+    assert b"".join(fed) + ended == transform(message)
+    assert fed[0] == b"" and longest(b"".join(fed) + ended) <= LIMIT
+
+
+def test_a_crlf_split_over_chunks_is_still_a_line_end():
+    line = b"x" * 700
+    message = b"Subject: s\r\n\r\n" + line + b"\r\n" + line + b"\r\n"
+    cut = message.index(b"\r\n", len(message) - 710) + 1  # between CR and LF
+    fed, ended = optimistic([message[:cut], message[cut:]])
+    assert (fed, ended) == ([b"", b""], message)
+
+
+def test_more_than_the_lookahead_held_goes_to_the_full_stream():
+    message = b"Subject: big\r\n\r\n" + b"".join(b"w" * 100 + b"\r\n" for _ in range(40))
+    fed, ended = optimistic([message[:2000], message[2000:]], lookahead=1000)
+    assert fed[0] != b"" and b"".join(fed) + ended == transform(message, 1000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages(), st.lists(st.integers(0, 10**6), max_size=20), st.sampled_from([300, 10**6]))
+def test_the_fast_path_gives_the_same_bytes_as_the_full_stream_for_any_chunking(
+        message, cuts, lookahead):
+    fed, ended = optimistic(split(message, cuts), lookahead)
+    assert b"".join(fed) + ended == transform(message, lookahead)
